@@ -1,0 +1,42 @@
+"""lynx-moe: batch-aware expert selection that makes MoE models decode faster in batches.
+
+    import lynx_moe as lynx
+    weights, ids = lynx.select_experts(router_logits, top_k=8,
+                                       policy=lynx.AffinityBinning(alpha=3.0, beta=2))
+
+``import lynx_moe`` loads torch only; the Hugging Face, vLLM, evaluation and plotting parts
+load lazily from their own modules and say which extra to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import presets
+from .policies import (
+    OEA, POLICIES, SER, AffinityBinning, BatchTopN, Confidence, Policy, StaticK, TopK, XShare,
+    parse_policy, policy_from_dict,
+)
+from .routing import Routing, changed_assignments, distinct_experts, route, select_experts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Policy", "TopK", "AffinityBinning", "Confidence", "StaticK", "SER", "BatchTopN", "OEA",
+    "XShare", "POLICIES", "parse_policy", "policy_from_dict", "presets",
+    "select_experts", "route", "Routing", "distinct_experts", "changed_assignments",
+    "reference_model_path",
+]
+
+
+def reference_model_path() -> Path:
+    """The embedded reference MoE model (``models/lynx-ref-moe`` at the repository root),
+    or ``$LYNX_REFERENCE_MODEL`` when set."""
+    override = os.environ.get("LYNX_REFERENCE_MODEL")
+    path = Path(override) if override else Path(__file__).resolve().parent.parent / "models" / "lynx-ref-moe"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"reference model not found at {path}: run from a git checkout of lynx-moe "
+            "(pip install -e .) or set LYNX_REFERENCE_MODEL to a model folder")
+    return path

@@ -1,0 +1,341 @@
+"""Expert-selection policies: frozen, validated configs, one per strategy.
+
+A policy is only configuration. Each one answers a single question about one MoE layer in
+one forward pass, given the rows that vote (valid decode rows):
+
+- set policies (``AffinityBinning``, ``Confidence``, ``BatchTopN``, ``OEA``, ``XShare``)
+  return ``keep[E]``, the experts this step may use; ``routing.route`` then sends every
+  voting row to its best experts inside that set;
+- row policies (``StaticK``, ``SER``) return how many of its native top-k experts each row
+  keeps; the remaining slots get weight 0 (see ``routing`` for which ids fill them).
+
+The maths is specified in ``shared/design/algorithms.md``. Policies round-trip through
+``to_dict`` / ``policy_from_dict`` and through one-line specs for CLIs and environment
+variables: ``parse_policy("affinity_binning:alpha=3,beta=2")`` and ``str(policy)``.
+
+Legend: T router rows, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+__all__ = [
+    "Policy", "TopK", "AffinityBinning", "Confidence", "StaticK", "SER", "BatchTopN",
+    "OEA", "XShare", "POLICIES", "policy_from_dict", "parse_policy",
+]
+
+
+class Step(NamedTuple):
+    """What a policy may look at in one step (built by ``routing.route``)."""
+
+    logits: torch.Tensor      # [T, E] fp32 selection logits; -inf outside a row's groups
+    native_ids: torch.Tensor  # [T, K] native choice, best first
+    native_w: torch.Tensor    # [T, K] native weights (fp32)
+    vote: torch.Tensor        # [T] bool: valid decode rows
+    n_votes: torch.Tensor     # [] float64: number of voting rows (>= 1 to avoid 0 division)
+    top_k: int
+
+
+def _expand(step: Step, mask_rows: torch.Tensor) -> torch.Tensor:
+    """Union over voting rows of a per-row [T, E] bool mask -> keep [E]."""
+    return (mask_rows & step.vote[:, None]).any(dim=0)
+
+
+def _rows_first(step: Step, counts: torch.Tensor) -> torch.Tensor:
+    """[T, E] bool: each row's first counts[t] native experts."""
+    slots = torch.arange(step.top_k, device=counts.device)
+    take = slots[None, :] < counts[:, None]                           # [T, K]
+    out = torch.zeros_like(step.logits, dtype=torch.bool)
+    return out.scatter(1, step.native_ids, take)
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{field}: {msg}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Base class. Subclasses set ``name`` and ``kind`` and implement one decision method."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""  # "native", "set" or "row"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.name, **dataclasses.asdict(self)}
+
+    def __str__(self) -> str:
+        # Flags that are off are left out; None is written so that it round-trips.
+        args = ",".join(f"{k}={'none' if v is None else v}"
+                        for k, v in dataclasses.asdict(self).items() if v is not False)
+        return f"{self.name}:{args}" if args else self.name
+
+    def check_top_k(self, top_k: int) -> None:
+        """Raise ValueError if this policy cannot run on a layer with this top_k."""
+
+    def keep(self, step: Step) -> torch.Tensor:  # set policies: keep[E] bool
+        raise NotImplementedError
+
+    def counts(self, step: Step) -> torch.Tensor:  # row policies: [T] int64 in [1, K]
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK(Policy):
+    """Native routing, bit-identical to the model's own (the no-op policy)."""
+
+    name: ClassVar[str] = "topk"
+    kind: ClassVar[str] = "native"
+
+
+@dataclasses.dataclass(frozen=True)
+class AffinityBinning(Policy):
+    """Lynx v3 (the paper's method). Bins are ``1/alpha`` logits wide; ``beta`` clamps the
+    lowest bin (``None``: no clamp). Faithful by default; ``protect_top1`` (ours, off by
+    default) adds every voting row's own top-1 to the kept set."""
+
+    name: ClassVar[str] = "affinity_binning"
+    kind: ClassVar[str] = "set"
+    alpha: float = 3.0
+    beta: int | None = 2
+    protect_top1: bool = False
+
+    def __post_init__(self) -> None:
+        _check(_is_num(self.alpha) and self.alpha > 0, "alpha", f"must be a finite number > 0, got {self.alpha!r}")
+        _check(self.beta is None or (_is_int(self.beta) and self.beta >= 1), "beta",
+               f"must be an integer >= 1 or None (no clamp), got {self.beta!r}")
+        _check(isinstance(self.protect_top1, bool), "protect_top1", f"must be a bool, got {self.protect_top1!r}")
+
+    def keep(self, step: Step) -> torch.Tensor:
+        L, vote, k = step.logits, step.vote, step.top_k
+        B = step.n_votes
+        q = torch.ceil(self.alpha * (L - L.max(dim=-1, keepdim=True).values))  # [T, E] <= 0
+        if self.beta is not None:
+            # Integer arithmetic in float64: H = B**(q + beta) is exact, so popularity ties
+            # are exact ties (broken by expert index, as in the authors' kernels).
+            q = q.clamp(min=-self.beta)
+            h = torch.pow(B, (q + self.beta).double())
+            scale = torch.pow(B, float(self.beta + 1))
+        else:
+            h = torch.pow(B, q.double())
+            scale = B
+        h = torch.where(vote[:, None], h, 0.0)
+        others = h.sum(dim=0, keepdim=True) - h                                # [T, E]
+        m = q.double() + others / scale
+        picks = torch.sort(m, dim=-1, descending=True, stable=True).indices[:, :k]
+        chosen = torch.zeros_like(L, dtype=torch.bool).scatter(1, picks, True)
+        if self.protect_top1:
+            chosen = chosen.scatter(1, step.native_ids[:, :1], True)
+        return _expand(step, chosen)
+
+
+@dataclasses.dataclass(frozen=True)
+class Confidence(Policy):
+    """Lynx v2 confidence reduction: each row keeps ``clamp(floor(c*K*beta) + alpha, 1, K)``
+    of its experts, ``c`` its top-half vs bottom-half weight contrast."""
+
+    name: ClassVar[str] = "confidence"
+    kind: ClassVar[str] = "set"
+    alpha: int = 1
+    beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.alpha) and self.alpha >= 0, "alpha", f"must be an integer >= 0, got {self.alpha!r}")
+        _check(_is_num(self.beta) and self.beta >= 0, "beta", f"must be a finite number >= 0, got {self.beta!r}")
+
+    def keep(self, step: Step) -> torch.Tensor:
+        k, w = step.top_k, step.native_w
+        half = k // 2
+        head = w[:, :half].sum(dim=-1)
+        tail = w[:, half:].sum(dim=-1)
+        c = torch.where(head > 0, (head - tail) / head.clamp_min(1e-30), 1.0)
+        counts = (torch.floor(c * k * self.beta) + self.alpha).clamp(1, k).long()
+        return _expand(step, _rows_first(step, counts))
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticK(Policy):
+    """Every voting row uses only its top ``k`` experts (llama.cpp's expert_used_count)."""
+
+    name: ClassVar[str] = "static_k"
+    kind: ClassVar[str] = "row"
+    k: int = 4
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.k) and self.k >= 1, "k", f"must be an integer >= 1, got {self.k!r}")
+
+    def check_top_k(self, top_k: int) -> None:
+        _check(self.k <= top_k, "k", f"StaticK(k={self.k}) needs k <= the model's top_k={top_k}")
+
+    def counts(self, step: Step) -> torch.Tensor:
+        return torch.full_like(step.vote, self.k, dtype=torch.long)
+
+
+@dataclasses.dataclass(frozen=True)
+class SER(Policy):
+    """ik_llama.cpp's smart expert reduction: keep the top ``k_min``; keep expert i beyond
+    that only if its probability exceeds ``threshold`` times the top-1's."""
+
+    name: ClassVar[str] = "ser"
+    kind: ClassVar[str] = "row"
+    k_min: int = 2
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.k_min) and self.k_min >= 1, "k_min", f"must be an integer >= 1, got {self.k_min!r}")
+        _check(_is_num(self.threshold) and 0 <= self.threshold <= 1, "threshold",
+               f"must be a number in [0, 1], got {self.threshold!r}")
+
+    def check_top_k(self, top_k: int) -> None:
+        _check(self.k_min <= top_k, "k_min", f"SER(k_min={self.k_min}) needs k_min <= top_k={top_k}")
+
+    def counts(self, step: Step) -> torch.Tensor:
+        w = step.native_w
+        strong = w > self.threshold * w[:, :1]
+        strong[:, : self.k_min] = True
+        # Weights are sorted, so the strong slots form a prefix.
+        return strong.sum(dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchTopN(Policy):
+    """Keep the ``n`` experts with the largest summed native top-k weight over the batch."""
+
+    name: ClassVar[str] = "batch_top_n"
+    kind: ClassVar[str] = "set"
+    n: int = 16
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.n) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
+
+    def keep(self, step: Step) -> torch.Tensor:
+        return _top_mass(step, self.n, forced=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class OEA(Policy):
+    """Opportunistic expert activation (arXiv 2511.02237): each voting row keeps its top
+    ``k0``; the other slots are filled with experts the batch already uses."""
+
+    name: ClassVar[str] = "oea"
+    kind: ClassVar[str] = "set"
+    k0: int = 2
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.k0) and self.k0 >= 1, "k0", f"must be an integer >= 1, got {self.k0!r}")
+
+    def check_top_k(self, top_k: int) -> None:
+        _check(self.k0 <= top_k, "k0", f"OEA(k0={self.k0}) needs k0 <= top_k={top_k}")
+
+    def keep(self, step: Step) -> torch.Tensor:
+        counts = torch.full_like(step.vote, self.k0, dtype=torch.long)
+        return _expand(step, _rows_first(step, counts))
+
+
+@dataclasses.dataclass(frozen=True)
+class XShare(Policy):
+    """XShare (arXiv 2602.07265): a shared set of at most ``budget`` experts maximising the
+    batch's native gate mass, always containing each voting row's top ``k0``. If those alone
+    exceed the budget they are kept anyway (quality first), so the set has
+    ``max(budget, |union of top-k0|)`` experts at most."""
+
+    name: ClassVar[str] = "xshare"
+    kind: ClassVar[str] = "set"
+    budget: int = 16
+    k0: int = 1
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.budget) and self.budget >= 1, "budget", f"must be an integer >= 1, got {self.budget!r}")
+        _check(_is_int(self.k0) and self.k0 >= 1, "k0", f"must be an integer >= 1, got {self.k0!r}")
+
+    def check_top_k(self, top_k: int) -> None:
+        _check(self.k0 <= top_k, "k0", f"XShare(k0={self.k0}) needs k0 <= top_k={top_k}")
+
+    def keep(self, step: Step) -> torch.Tensor:
+        counts = torch.full_like(step.vote, self.k0, dtype=torch.long)
+        return _top_mass(step, self.budget, forced=_expand(step, _rows_first(step, counts)))
+
+
+def _top_mass(step: Step, n: int, forced: torch.Tensor | None) -> torch.Tensor:
+    """The ``n`` experts with the largest summed native weight over voting rows (forced ones
+    first, zero-mass experts never). Counting each row's mass over its native top-k makes
+    the objective modular, so greedy selection is exactly one sort."""
+    w = torch.where(step.vote[:, None], step.native_w, 0.0)
+    mass = torch.zeros(step.logits.shape[1], dtype=torch.float64, device=w.device)
+    mass = mass.scatter_add(0, step.native_ids.flatten(), w.double().flatten())   # [E]
+    used = mass > 0
+    if forced is not None:
+        mass = torch.where(forced, mass + mass.sum() + 1.0, mass)
+    order = torch.sort(mass, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    keep = (rank < n) & used
+    return keep if forced is None else keep | forced
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (TopK, AffinityBinning, Confidence, StaticK, SER, BatchTopN, OEA, XShare)
+}
+
+
+def policy_from_dict(d: dict[str, Any]) -> Policy:
+    """Inverse of ``Policy.to_dict``: ``{"policy": "oea", "k0": 2}`` -> ``OEA(k0=2)``."""
+    if not isinstance(d, dict) or "policy" not in d:
+        raise ValueError(f"a policy dict needs a 'policy' key naming one of {sorted(POLICIES)}, got {d!r}")
+    d = dict(d)
+    name = d.pop("policy")
+    cls = POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown field(s) {unknown}; fields are {sorted(fields) or 'none'}")
+    return cls(**d)
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(low)
+    except ValueError:
+        pass
+    try:
+        return float(low)
+    except ValueError:
+        raise ValueError(f"cannot read value {text!r}: expected a number, true/false or none") from None
+
+
+def parse_policy(spec: str) -> Policy:
+    """Read a one-line spec: ``"name"`` or ``"name:field=value,field=value"``.
+
+    ``parse_policy("affinity_binning:alpha=3,beta=2")``; ``parse_policy(str(p)) == p``.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty policy spec; expected e.g. 'affinity_binning:alpha=3,beta=2', got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    fields: dict[str, Any] = {"policy": name.strip()}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"bad policy spec {spec!r}: expected field=value, got {item!r}")
+        fields[key.strip()] = _parse_value(value)
+    policy = policy_from_dict(fields)
+    # Floats given as integers ("alpha=3") are fine; the dataclass keeps them as typed.
+    return policy

@@ -1,0 +1,5 @@
+"""vLLM general plugin (placeholder until the vLLM integration lands): does nothing."""
+
+
+def register() -> None:
+    return None
