@@ -1,0 +1,35 @@
+"""``lynx policies``: list the policies, their fields and the authors' presets."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from .policies import POLICIES
+from .presets import PRESETS
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", type=str, default=None,
+                        help="parse a policy spec, print its canonical form, and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cli import UsageError
+    from .policies import parse_policy
+    if args.spec is not None:
+        try:
+            print(parse_policy(args.spec))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return 0
+    print("policies (spec: name:field=value,...):")
+    for name, cls in POLICIES.items():
+        fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        print(f"  {name:18s} {fields or '(no fields)'}")
+    print("authors' AffinityBinning presets (experts x top-k):")
+    for name, p in PRESETS.items():
+        print(f"  {name:26s} {p.num_experts:>3d} x {p.top_k}  {p.policy}")
+    return 0
