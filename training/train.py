@@ -1,0 +1,277 @@
+"""Train the lynx-ref-moe OLMoE model on the pre-tokenized corpus (CPU).
+
+Usage:
+  python -m training.train --steps 1200                 # train (resumes from runs/train/ckpt.pt if present)
+  python -m training.train --bench 35 --expert-ffn 64   # measure throughput only (no files written)
+
+Logs JSON lines to runs/train/log.jsonl (and stdout): step, tokens seen, loss, aux loss, lr,
+tokens/s, per-layer expert load (CV of the per-expert share of top-k slots, max/min share x E),
+and held-out (validation split) loss per domain every --eval-every steps. Checkpoints to
+runs/train/ckpt.pt every --ckpt-every steps; the final bf16 export goes to models/lynx-ref-moe/.
+Set OMP_WAIT_POLICY=PASSIVE before running (shared 2-core machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.tokenizer import domain_weights
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = 1234
+
+
+def make_config(args, vocab_size: int, eos_id: int, pad_id: int):
+    from transformers import OlmoeConfig
+
+    return OlmoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.expert_ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        num_experts=args.experts,
+        num_experts_per_tok=args.topk,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+        norm_topk_prob=False,
+        tie_word_embeddings=args.tie,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        initializer_range=0.02,
+    )
+
+
+class Data:
+    """Random windows of seq_len+1 tokens; domain chosen by size**0.5 weights. Deterministic per step."""
+
+    def __init__(self, tokens_dir: Path, split: str):
+        index = json.loads((tokens_dir / "index.json").read_text())
+        self.arrays = {d: np.fromfile(tokens_dir / f"{d}.{split}.u16", dtype=np.uint16)
+                       for d in sorted(index["domains"])}
+        train_bytes = {d: index["domains"][d]["train"]["bytes"] for d in self.arrays}
+        self.weights = domain_weights(train_bytes)
+        self.domains = list(self.weights)
+        self.p = np.array([self.weights[d] for d in self.domains])
+
+    def batch(self, step: int, bsz: int, seq: int, seed: int = SEED):
+        rng = np.random.default_rng([seed, step])
+        doms = rng.choice(len(self.domains), size=bsz, p=self.p)
+        rows = []
+        for di in doms:
+            a = self.arrays[self.domains[di]]
+            off = int(rng.integers(0, len(a) - seq - 1))
+            rows.append(a[off:off + seq + 1].astype(np.int64))
+        return torch.from_numpy(np.stack(rows))
+
+    def domain_batch(self, domain: str, n: int, seq: int, seed: int = SEED):
+        a = self.arrays[domain]
+        rng = np.random.default_rng([seed, 99991, self.domains.index(domain)])
+        offs = rng.integers(0, max(len(a) - seq - 1, 1), size=n)
+        return torch.from_numpy(np.stack([a[o:o + seq + 1].astype(np.int64) for o in offs]))
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def expert_load(router_logits, topk: int, n_experts: int):
+    """Per layer: CV, max share x E, min share x E of top-k slot assignments."""
+    out = []
+    for lg in router_logits:
+        idx = torch.topk(lg.float(), topk, dim=-1).indices.reshape(-1)
+        cnt = torch.bincount(idx, minlength=n_experts).float()
+        share = cnt / cnt.sum()
+        out.append({"cv": round(float(share.std() / share.mean()), 3),
+                    "max": round(float(share.max() * n_experts), 2),
+                    "min": round(float(share.min() * n_experts), 2)})
+    return out
+
+
+@torch.no_grad()
+def heldout(model, val: Data, seq: int, n_per_domain: int):
+    model.eval()
+    res = {}
+    for d in val.domains:
+        x = val.domain_batch(d, n_per_domain, seq)
+        out = model(input_ids=x[:, :-1], labels=x[:, 1:], shift_labels=x[:, 1:].contiguous(),
+                    output_router_logits=False)
+        res[d] = round(float(out.loss), 4)
+    model.train()
+    res["mean"] = round(float(np.mean([res[d] for d in val.domains])), 4)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default=str(REPO / "runs/tokens"))
+    ap.add_argument("--run-dir", default=str(REPO / "runs/train"))
+    ap.add_argument("--export", default=str(REPO / "models/lynx-ref-moe"))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--expert-ffn", type=int, default=64)
+    ap.add_argument("--tie", action="store_true")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--wd", type=float, default=0.1)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--eval-rows", type=int, default=8)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bench", type=float, default=0.0, help="seconds of throughput measurement, then exit")
+    ap.add_argument("--deadline", default="", help="UTC HH:MM; stop early, checkpoint and export if reached")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    from transformers import AutoTokenizer, OlmoeForCausalLM
+
+    tokens_dir = Path(args.tokens)
+    index = json.loads((tokens_dir / "index.json").read_text())
+    tok = AutoTokenizer.from_pretrained(args.export)
+    cfg = make_config(args, index["vocab_size"], tok.eos_token_id, tok.pad_token_id)
+    model = OlmoeForCausalLM(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    active = n_params - n_expert + n_expert * args.topk // args.experts
+    print(f"params total {n_params / 1e6:.2f}M, active/token {active / 1e6:.2f}M", flush=True)
+    train = Data(tokens_dir, "train")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    tokens_per_step = args.batch * args.seq
+
+    if args.bench:
+        model.train()
+        t0, step, t_start = None, 0, time.time()
+        while True:
+            x = train.batch(step, args.batch, args.seq)
+            out = model(input_ids=x[:, :-1], labels=x[:, 1:], shift_labels=x[:, 1:].contiguous(),
+                        output_router_logits=True)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step == 2:
+                t0 = time.time()
+            if t0 and time.time() - t0 > args.bench:
+                break
+        dt = time.time() - t0
+        print(json.dumps({"bench": True, "layers": args.layers, "hidden": args.hidden, "experts": args.experts,
+                          "topk": args.topk, "expert_ffn": args.expert_ffn, "tie": args.tie,
+                          "params_M": round(n_params / 1e6, 2), "active_M": round(active / 1e6, 2),
+                          "tok_per_s": round((step - 2) * tokens_per_step / dt), "loss": round(float(out.loss.detach()), 3)}),
+              flush=True)
+        return
+
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = run_dir / "ckpt.pt"
+    val = Data(tokens_dir, "validation")
+    step, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = state["step"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from step {step}", flush=True)
+    logf = open(run_dir / "log.jsonl", "a")
+
+    def log(rec):
+        rec["time"] = datetime.now(timezone.utc).strftime("%H:%M:%S")
+        line = json.dumps(rec)
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    def save():
+        tmp = run_dir / "ckpt.pt.tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                    "torch_rng": torch.get_rng_state(), "args": vars(args)}, tmp)
+        os.replace(tmp, ckpt)
+
+    if step == 0:
+        log({"event": "start", "params_total": n_params, "params_active": active, "args": vars(args),
+             "domain_weights": train.weights})
+    model.train()
+    acc = {"loss": 0.0, "aux": 0.0, "n": 0}
+    t_last = time.time()
+    stopped_early = False
+    while step < args.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        x = train.batch(step, args.batch, args.seq)
+        out = model(input_ids=x[:, :-1], labels=x[:, 1:], shift_labels=x[:, 1:].contiguous(),
+                        output_router_logits=True)
+        out.loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        aux = float(out.aux_loss.detach())
+        acc["loss"] += float(out.loss) - cfg.router_aux_loss_coef * aux
+        acc["aux"] += aux
+        acc["n"] += 1
+        if step % args.log_every == 0 or step == args.steps:
+            now = time.time()
+            dt = now - t_last
+            elapsed += dt
+            t_last = now
+            log({"step": step, "tokens": step * tokens_per_step, "loss": round(acc["loss"] / acc["n"], 4),
+                 "aux_loss": round(acc["aux"] / acc["n"], 4), "lr": round(opt.param_groups[0]["lr"], 6),
+                 "grad_norm": round(float(gn), 3), "tok_per_s": round(acc["n"] * tokens_per_step / dt),
+                 "elapsed_s": round(elapsed), "expert_load": expert_load(out.router_logits, args.topk, args.experts)})
+            acc = {"loss": 0.0, "aux": 0.0, "n": 0}
+        if step % args.eval_every == 0 or step == args.steps:
+            t = time.time()
+            log({"step": step, "tokens": step * tokens_per_step, "heldout_loss": heldout(model, val, args.seq, args.eval_rows),
+                 "eval_s": round(time.time() - t, 1)})
+            t_last += time.time() - t
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save()
+        if args.deadline:
+            hh, mm = map(int, args.deadline.split(":"))
+            now = datetime.now(timezone.utc)
+            if now.hour * 60 + now.minute >= hh * 60 + mm and step < args.steps:
+                log({"event": "deadline reached, stopping early", "step": step})
+                save()
+                stopped_early = True
+                break
+    log({"event": "done", "step": step, "tokens": step * tokens_per_step, "train_time_s": round(elapsed),
+         "stopped_early": stopped_early})
+    export(model, args.export)
+
+
+def export(model, path):
+    model = model.to(torch.bfloat16)
+    model.config.output_router_logits = False  # inference default; aux loss only needed in training
+    model.save_pretrained(path, safe_serialization=True)
+    print(f"exported to {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
