@@ -1,0 +1,275 @@
+"""Switch an expert-selection policy on in a loaded transformers MoE model, in place.
+
+    lynx.apply_(model, lynx.AffinityBinning(alpha=3.0, beta=2))   # idempotent; returns model
+    out = model.generate(**batch, max_new_tokens=64)
+    lynx.routing_stats(model)      # per MoE layer: distinct experts per decode step, native vs policy
+    lynx.remove_(model)            # exactly the original behaviour back
+
+Only the routing step changes. Each supported router module (``mlp.gate`` / ``mlp.router``)
+gets a forward hook that re-routes the router's own logits with ``lynx_moe.route`` under the
+architecture's native semantics (``_HANDLERS``) and returns ``(logits, weights, ids)`` in the
+router's own dtypes; expert execution (``grouped_mm``, ``eager``, ...) stays transformers'.
+
+Which rows vote. The MoE block sees ``[T, D]`` rows and no attention mask, so a forward
+pre-hook on the model given to ``apply_`` reads the call's ``input_ids`` / ``attention_mask``
+and leaves per-row flags on a small state object that the router hooks read (a forward hook
+clears them again). A call is a decode step when every sequence brings one new token and there
+is a past (``attention_mask`` longer than the query, else ``past_key_values`` non-empty). In a
+decode step a row votes unless its mask position is 0 (padding) or its input token is an EOS or
+pad token: ``generate`` feeds a finished sequence the pad token (the EOS when no pad is set), and
+a sequence whose last token is EOS has just finished. Prefill, chunked and speculative calls
+(query length > 1) and calls of inner modules are routed natively. Rows that do not vote, and
+voting rows whose expert set the policy did not change, get the router's own output bit for bit,
+so with ``TopK`` the model is exactly the original.
+
+Counting (``stats=True``): per layer and decode step, distinct experts among the voting rows
+for the router's own choice and for the final choice, plus changed (row, slot) assignments,
+accumulated in one small tensor per layer (no host sync until ``routing_stats``).
+
+Legend: B sequences, T router rows (B x query length), E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..policies import Policy
+from ..routing import changed_assignments, distinct_experts, route
+
+__all__ = ["SUPPORTED", "LayerStats", "apply_", "remove_", "applied", "routing_stats", "reset_stats"]
+
+_STATE = "_lynx_moe"  # attribute of the patched model that holds its _State
+
+
+# Router class -> lynx.route keywords reproducing its native routing (read at call time, so a
+# changed ``norm_topk_prob`` or a moved bias buffer is followed). All six routers return the
+# raw logits as their first output in transformers 5.16-5.19 (checked in tests/test_hf.py).
+def _softmax(renormalize: bool | None) -> Callable[[nn.Module], dict[str, Any]]:
+    def native(m: nn.Module) -> dict[str, Any]:
+        norm = m.norm_topk_prob if renormalize is None else renormalize
+        return {"renormalize": bool(norm), "scoring": "softmax"}
+    return native
+
+
+def _deepseek_v3(m: nn.Module) -> dict[str, Any]:
+    return {"renormalize": bool(m.norm_topk_prob), "scoring": "sigmoid",
+            "e_score_correction_bias": m.e_score_correction_bias,
+            "num_expert_group": int(m.num_group), "topk_group": int(m.topk_group),
+            "routed_scaling_factor": float(m.routed_scaling_factor)}
+
+
+def _gpt_oss(m: nn.Module) -> dict[str, Any]:
+    return {"renormalize": True, "scoring": "softmax_topk"}
+
+
+_HANDLERS: dict[str, Callable[[nn.Module], dict[str, Any]]] = {
+    "transformers.models.mixtral.modeling_mixtral.MixtralTopKRouter": _softmax(True),
+    "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeTopKRouter": _softmax(None),
+    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeTopKRouter": _softmax(None),
+    "transformers.models.olmoe.modeling_olmoe.OlmoeTopKRouter": _softmax(None),
+    "transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter": _deepseek_v3,
+    "transformers.models.gpt_oss.modeling_gpt_oss.GptOssTopKRouter": _gpt_oss,
+}
+SUPPORTED = ("Mixtral", "Qwen2-MoE", "Qwen3-MoE", "OLMoE", "DeepSeek-V3", "GPT-OSS")
+
+
+def _handler(module: nn.Module) -> Callable[[nn.Module], dict[str, Any]] | None:
+    cls = type(module)
+    return _HANDLERS.get(f"{cls.__module__}.{cls.__qualname__}")
+
+
+class LayerStats(NamedTuple):
+    """Decode-step counts of one MoE layer since ``apply_`` / ``reset_stats``."""
+
+    layer: str              # router module name, e.g. "model.layers.3.mlp.gate"
+    steps: int              # decode steps in which at least one row voted
+    decode_rows: int        # voting rows summed over those steps
+    distinct_native: float  # mean distinct experts per step, the router's own choice
+    distinct_policy: float  # mean distinct experts per step, after the policy
+    changed_share: float    # share of voting (row, slot) assignments the policy changed
+
+
+@dataclass(eq=False)
+class _Layer:
+    name: str
+    router: nn.Module
+    native: Callable[[nn.Module], dict[str, Any]]
+    # steps with votes, voting rows, distinct native, distinct policy, changed slots
+    counts: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class _State:
+    policy: Policy
+    stats: bool
+    stop_ids: torch.Tensor                   # [S] int64 on the CPU; per-device copies below
+    layers: list[_Layer]
+    handles: list[Any] = field(default_factory=list)
+    vote: torch.Tensor | None = None         # [T] bool during a decode call, else None
+    _stop_on: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    def stop_ids_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._stop_on:
+            self._stop_on[device] = self.stop_ids.to(device)
+        return self._stop_on[device]
+
+
+def _stop_token_ids(model: nn.Module) -> list[int]:
+    """EOS and pad ids from the model's generation config (else its config)."""
+    ids: list[int] = []
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        if cfg is None:
+            continue
+        for attr in ("eos_token_id", "pad_token_id"):
+            v = getattr(cfg, attr, None)
+            ids += [v] if isinstance(v, int) else list(v or [])
+        if ids:
+            break
+    return sorted(set(ids))
+
+
+def _decode_votes(state: _State, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """Per-row vote flags [B] for a decode call, None for any other call."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    x = input_ids if isinstance(input_ids, torch.Tensor) else kwargs.get("inputs_embeds")
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != 1:
+        return None
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    if mask is not None:
+        past = mask.shape[1] - 1
+    else:
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    if past <= 0:  # a one-token prompt is a prefill
+        return None
+    vote = mask[:, -1] != 0 if mask is not None else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    if isinstance(input_ids, torch.Tensor) and state.stop_ids.numel():
+        vote = vote & ~torch.isin(input_ids[:, -1], state.stop_ids_on(input_ids.device))
+    return vote
+
+
+def _model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    state: _State = getattr(module, _STATE)
+    state.vote = _decode_votes(state, args, kwargs)
+
+
+def _model_post_hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+    getattr(module, _STATE).vote = None
+
+
+def _router_hook(state: _State, layer: _Layer, module: nn.Module, args: tuple, out: Any) -> Any:
+    vote = state.vote
+    if vote is None or (not state.stats and state.policy.kind == "native"):
+        return None
+    logits, own_w, own_ids = out                                         # [T, E], [T, K], [T, K]
+    if logits.dim() != 2 or logits.shape[0] != vote.shape[0]:
+        return None  # not one row per sequence: leave it native
+    ids = own_ids
+    result = None
+    if state.policy.kind != "native":
+        r = route(logits, own_ids.shape[1], state.policy, decode_mask=vote, **layer.native(module))
+        new_ids = r.ids.to(own_ids.dtype)
+        moved = vote & (new_ids.sort(dim=-1).values != own_ids.sort(dim=-1).values).any(dim=-1)
+        ids = torch.where(moved[:, None], new_ids, own_ids)
+        result = (logits, torch.where(moved[:, None], r.weights.to(own_w.dtype), own_w), ids)
+    if state.stats:
+        E = logits.shape[1]
+        step = torch.stack([vote.any().long(), vote.sum(), distinct_experts(own_ids, vote, E),
+                            distinct_experts(ids, vote, E), changed_assignments(ids, own_ids, vote)])
+        layer.counts = step if layer.counts is None else layer.counts + step
+    return result
+
+
+def _find_routers(model: nn.Module) -> list[_Layer]:
+    return [_Layer(name, m, h) for name, m in model.named_modules() if (h := _handler(m)) is not None]
+
+
+def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
+           stop_token_ids: Iterable[int] | None = None) -> nn.Module:
+    """Route ``model``'s decode steps with ``policy``, in place; returns ``model``.
+
+    Applying again replaces the policy (and starts fresh statistics). ``stats=False`` skips
+    the counting. ``stop_token_ids``: tokens that mark a finished sequence (default: the EOS and
+    pad ids of ``model.generation_config``); pass them if you give ``generate`` other ones.
+    Raises ValueError, leaving the model as it was, for a model without a supported router.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if not isinstance(policy, Policy):
+        raise ValueError(f"policy must be a lynx_moe policy (e.g. lynx.AffinityBinning()), got {policy!r}")
+    layers = _find_routers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE router that lynx_moe can patch; "
+                         f"supported architectures: {', '.join(SUPPORTED)} (transformers 5.x)")
+    for layer in layers:
+        policy.check_top_k(int(layer.router.top_k))
+    stop = _stop_token_ids(model) if stop_token_ids is None else [int(t) for t in stop_token_ids]
+    remove_(model)
+    state = _State(policy, bool(stats), torch.tensor(stop, dtype=torch.long), layers)
+    setattr(model, _STATE, state)
+    state.handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
+    state.handles.append(model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True))
+    for layer in layers:
+        hook = lambda m, a, o, layer=layer: _router_hook(state, layer, m, a, o)  # noqa: E731
+        state.handles.append(layer.router.register_forward_hook(hook))
+    return model
+
+
+def remove_(model: nn.Module) -> nn.Module:
+    """Undo ``apply_``: the model behaves exactly as before. A no-op on an unpatched model."""
+    state: _State | None = getattr(model, _STATE, None)
+    if state is not None:
+        for handle in state.handles:
+            handle.remove()
+        delattr(model, _STATE)
+    return model
+
+
+@contextlib.contextmanager
+def applied(model: nn.Module, policy: Policy, **kwargs: Any) -> Iterator[nn.Module]:
+    """``apply_`` for the ``with`` block; afterwards the model is as before (a policy that was
+    already applied comes back, with fresh statistics)."""
+    before: _State | None = getattr(model, _STATE, None)
+    apply_(model, policy, **kwargs)
+    try:
+        yield model
+    finally:
+        remove_(model)
+        if before is not None:
+            apply_(model, before.policy, stats=before.stats, stop_token_ids=before.stop_ids.tolist())
+
+
+def _state(model: nn.Module) -> _State:
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("no lynx_moe policy is applied to this model: call lynx.apply_(model, policy) first")
+    return state
+
+
+def routing_stats(model: nn.Module) -> list[LayerStats]:
+    """Per MoE layer, the decode steps counted since ``apply_`` or ``reset_stats`` (one host
+    sync). Means are over steps in which at least one row voted."""
+    state = _state(model)
+    if not state.stats:
+        raise ValueError("statistics are off for this model: apply_(model, policy, stats=True)")
+    out = []
+    for layer in state.layers:
+        c = [0] * 5 if layer.counts is None else layer.counts.tolist()
+        steps, rows, nat, pol, changed = c
+        k = int(layer.router.top_k)
+        out.append(LayerStats(layer.name, steps, rows, nat / max(steps, 1), pol / max(steps, 1),
+                              changed / max(rows * k, 1)))
+    return out
+
+
+def reset_stats(model: nn.Module) -> None:
+    """Zero the counts of ``routing_stats``."""
+    for layer in _state(model).layers:
+        layer.counts = None

@@ -1,0 +1,235 @@
+"""The transformers patcher (lynx_moe.hf) on tiny random-weight models of all six architectures.
+
+Exactness is checked against an unmodified deep copy with ``torch.equal`` (atol=0). Run:
+``OMP_WAIT_POLICY=PASSIVE pytest tests/test_hf.py -q``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+
+import lynx_moe as lynx  # noqa: E402
+from lynx_moe import hf  # noqa: E402
+
+ARCHS = hf.TINY_ARCHS
+EOS, PAD = 2, 0  # tiny models' special tokens
+
+
+@functools.lru_cache(maxsize=None)
+def _model(arch: str):
+    return hf.tiny_model(arch)
+
+
+def fresh(arch: str):
+    return copy.deepcopy(_model(arch))
+
+
+def routers(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hf.patch._handler(m) is not None]
+
+
+def shape(model) -> tuple[int, int]:
+    r = routers(model)[0]
+    return int(r.num_experts), int(r.top_k)
+
+
+def batch(B: int, seed: int = 0, length: int = 7) -> dict[str, torch.Tensor]:
+    """Left-padded prompts: every other row is shorter by 1..length-2 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 512, (B, length), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(1, B, 2):
+        pad = 1 + b % (length - 2)
+        ids[b, :pad], mask[b, :pad] = PAD, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def prefill_and_decode(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a prefill call and of one decode call after it."""
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
+        dec = model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    return out.logits, dec.logits
+
+
+def greedy(model, inputs, n: int = 5):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+def assert_same(model, ref, inputs) -> None:
+    for got, want in zip((*prefill_and_decode(model, inputs), *greedy(model, inputs)),
+                         (*prefill_and_decode(ref, inputs), *greedy(ref, inputs))):
+        assert torch.equal(got, want)
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_router_returns_raw_logits(arch):
+    # The patcher bins router output[0]; pin that it is F.linear of the input, not probabilities.
+    model = _model(arch)
+    seen = []
+    handles = [r.register_forward_hook(lambda m, a, o: seen.append((m, a[0], o[0]))) for r in routers(model)]
+    try:
+        with torch.no_grad():
+            model(**batch(2))
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen
+    for m, x, logits in seen:
+        x = x.reshape(-1, m.weight.shape[1])
+        if arch == "deepseek_v3":
+            want = F.linear(x.float(), m.weight.float())
+        else:
+            want = F.linear(x, m.weight, getattr(m, "bias", None))
+        assert torch.equal(logits, want)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_topk_is_exact(arch):
+    ref = _model(arch)
+    model = lynx.apply_(fresh(arch), lynx.TopK())
+    assert_same(model, ref, batch(8))
+    stats = lynx.routing_stats(model)
+    assert len(stats) == len(routers(model)) and all(s.steps > 0 for s in stats)
+    assert all(s.distinct_policy == s.distinct_native and s.changed_share == 0 for s in stats)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_affinity_binning_prefill_exact_and_fewer_experts(arch):
+    ref = _model(arch)
+    _, policy = lynx.presets.for_shape(*shape(ref))
+    model = lynx.apply_(fresh(arch), policy)
+    inputs = batch(32, seed=1)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref(**inputs).logits)  # prefill rows never vote
+    lynx.reset_stats(model)
+    seqs, _ = greedy(model, inputs, n=4)
+    assert seqs.shape == (32, inputs["input_ids"].shape[1] + 4)
+    for s in lynx.routing_stats(model):
+        assert s.steps == 3 and s.decode_rows == 3 * 32 - _finished_rows(seqs, inputs)
+        assert s.distinct_policy < s.distinct_native and 0 < s.changed_share <= 1
+
+
+def _finished_rows(seqs, inputs) -> int:
+    # Decode inputs are the generated tokens except the last; EOS/pad inputs do not vote.
+    fed = seqs[:, inputs["input_ids"].shape[1]:-1]
+    return int(((fed == EOS) | (fed == PAD)).sum())
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3"])
+def test_remove_restores_and_apply_twice_is_harmless(arch):
+    ref = _model(arch)
+    model = fresh(arch)
+    hooks = hook_count(model)
+    inputs = batch(8, seed=2)
+    lynx.apply_(model, lynx.OEA(k0=1))
+    lynx.apply_(model, lynx.AffinityBinning(alpha=3.0, beta=2))
+    assert hook_count(model) == hooks + 2 + len(routers(model))  # one set of hooks, not two
+    assert not torch.equal(greedy(model, inputs)[1], greedy(ref, inputs)[1])
+    lynx.apply_(model, lynx.TopK())  # replaces the policy
+    assert_same(model, ref, inputs)
+    assert lynx.remove_(model) is model and lynx.remove_(model) is model
+    assert hook_count(model) == hooks and not hasattr(model, "_lynx_moe")
+    assert_same(model, ref, inputs)
+
+
+def test_applied_scope_restores_previous_policy():
+    model, ref = fresh("mixtral"), _model("mixtral")
+    inputs = batch(8, seed=3)
+    with lynx.applied(model, lynx.AffinityBinning(alpha=0.7, beta=1)) as m:
+        assert m is model and not torch.equal(greedy(model, inputs)[1], greedy(ref, inputs)[1])
+    assert not hasattr(model, "_lynx_moe")
+    assert_same(model, ref, inputs)
+    lynx.apply_(model, lynx.TopK(), stats=False)
+    with lynx.applied(model, lynx.OEA(k0=1)):
+        pass
+    assert model._lynx_moe.policy == lynx.TopK() and model._lynx_moe.stats is False
+    lynx.remove_(model)
+
+
+def test_padding_and_finished_rows_do_not_vote():
+    model = lynx.apply_(fresh("qwen3_moe"), lynx.AffinityBinning(alpha=3.0, beta=2))
+    inputs = batch(8, seed=4)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        cache = out.past_key_values
+        nxt = torch.full((8, 1), 7)
+        nxt[1], nxt[2], nxt[3] = EOS, PAD, EOS    # finished: just produced EOS / fed pad
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], dim=1)
+        mask[4, -1] = 0                           # a padding row
+        lynx.reset_stats(model)
+        model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+    assert [s.decode_rows for s in lynx.routing_stats(model)] == [4, 4]
+
+
+def test_rows_that_do_not_vote_keep_the_native_output():
+    # Every sequence finished: the decode step must equal the unpatched model's bit for bit.
+    ref, model = _model("olmoe"), lynx.apply_(fresh("olmoe"), lynx.AffinityBinning(alpha=3.0, beta=4))
+    inputs = batch(8, seed=5)
+    done = torch.tensor([[EOS], [PAD]] * 4)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(done)], dim=1)
+    with torch.no_grad():
+        got = [m(input_ids=done, attention_mask=mask, past_key_values=m(**inputs).past_key_values).logits
+               for m in (model, ref)]
+    assert torch.equal(*got)
+    assert all(s.steps == 0 for s in lynx.routing_stats(model))
+
+
+def test_stop_token_ids_override():
+    model = lynx.apply_(fresh("mixtral"), lynx.TopK(), stop_token_ids=[7])
+    inputs = batch(4, seed=6)
+    with torch.no_grad():
+        cache = model(**inputs).past_key_values
+        mask = torch.cat([inputs["attention_mask"], torch.ones(4, 1, dtype=torch.long)], dim=1)
+        model(input_ids=torch.tensor([[7], [EOS], [PAD], [9]]), attention_mask=mask, past_key_values=cache)
+    assert lynx.routing_stats(model)[0].decode_rows == 3
+
+
+def test_unsupported_model_raises_and_is_unchanged():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    dense = transformers.AutoModelForCausalLM.from_config(cfg)
+    hooks = hook_count(dense)
+    with pytest.raises(ValueError, match="Mixtral.*Qwen2-MoE.*Qwen3-MoE.*OLMoE.*DeepSeek-V3.*GPT-OSS"):
+        lynx.apply_(dense, lynx.AffinityBinning())
+    assert hook_count(dense) == hooks and not hasattr(dense, "_lynx_moe")
+
+
+def test_bad_input_leaves_model_unchanged():
+    model = fresh("mixtral")
+    hooks = hook_count(model)
+    with pytest.raises(ValueError, match="k0"):
+        lynx.apply_(model, lynx.OEA(k0=3))           # Mixtral routes top-2
+    with pytest.raises(ValueError, match="policy"):
+        lynx.apply_(model, "affinity_binning")
+    with pytest.raises(ValueError, match="apply_"):
+        lynx.routing_stats(model)
+    assert hook_count(model) == hooks
+    lynx.apply_(model, lynx.TopK(), stats=False)
+    with pytest.raises(ValueError, match="stats=True"):
+        lynx.routing_stats(model)
+
+
+def test_import_lynx_does_not_import_transformers():
+    import subprocess
+    import sys
+    code = ("import sys, lynx_moe as lynx; lynx.apply_; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
