@@ -221,6 +221,9 @@ class BatchTopN(Policy):
     def __post_init__(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n", f"must be an integer >= 1, got {self.n!r}")
 
+    def check_top_k(self, top_k: int) -> None:
+        _check(self.n >= top_k, "n", f"BatchTopN(n={self.n}) needs n >= top_k={top_k} so every row can fill its slots")
+
     def keep(self, step: Step) -> torch.Tensor:
         return _top_mass(step, self.n, forced=None)
 
@@ -263,6 +266,7 @@ class XShare(Policy):
 
     def check_top_k(self, top_k: int) -> None:
         _check(self.k0 <= top_k, "k0", f"XShare(k0={self.k0}) needs k0 <= top_k={top_k}")
+        _check(self.budget >= top_k, "budget", f"XShare(budget={self.budget}) needs budget >= top_k={top_k}")
 
     def keep(self, step: Step) -> torch.Tensor:
         counts = torch.full_like(step.vote, self.k0, dtype=torch.long)

@@ -17,7 +17,8 @@ Native routing (``scoring``):
 Policies act only on rows that vote: ``decode_mask & valid_mask``. Every other row gets
 exactly the native routing and does not influence the others. A set policy decides
 ``keep[E]``; each voting row then takes its best ``top_k`` experts inside ``keep`` (by its
-selection logits; for grouped routing only inside its natively chosen groups). A row with
+selection logits; for grouped routing only inside its natively chosen groups; equal logits
+go to the row's native experts first, then to the lower index). A row with
 fewer than ``top_k`` such experts fills the remaining slots with its own native experts, so
 a step never touches an expert that native routing would not have touched. A row policy
 (StaticK, SER) keeps a prefix of each row's native experts; the other slots get weight 0 and
@@ -138,17 +139,18 @@ def _tiered_topk(sel: torch.Tensor, tiers: list[torch.Tensor], k: int) -> torch.
     """Top-k ids by tier first (earlier masks win), then by ``sel`` inside a tier.
 
     Tiers are separated by offsets larger than each row's finite span (float64, exact).
-    Entries in no tier or with -inf ``sel`` come last.
+    Entries in no tier or with -inf ``sel`` come last; equal keys go to the lower index.
     """
     s = sel.double()
     finite = torch.isfinite(s)
     hi = torch.where(finite, s, -torch.inf).max(dim=-1, keepdim=True).values
     lo = torch.where(finite, s, torch.inf).min(dim=-1, keepdim=True).values
-    gap = 2 * (hi - lo).clamp_min(0) + 1
+    s = s - torch.where(torch.isfinite(hi), hi, 0.0)   # row values now in [-(hi - lo), 0]
+    gap = 2 * (hi - lo).nan_to_num(0.0, 0.0, 0.0).clamp_min(0) + 1
     key = torch.full_like(s, -torch.inf)
     for i in range(len(tiers) - 1, -1, -1):  # a few tiers, not rows or experts
         key = torch.where(tiers[i] & finite, s - i * gap, key)
-    return torch.topk(key, k, dim=-1).indices
+    return torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
 def _weights(x, ids, real, renormalize, scoring, mass, scale):
@@ -202,8 +204,10 @@ def route(
     step = Step(sel, nat_ids, nat_w, vote, n_votes, top_k)
     native_set = torch.zeros_like(x, dtype=torch.bool).scatter(1, nat_ids, True)    # [T, E]
     if policy.kind == "set":
-        keep = policy.keep(step)                                                   # [E]
-        ids = _tiered_topk(sel, [keep[None, :].expand(T, E), native_set], top_k)
+        keep = policy.keep(step)[None, :].expand(T, E)                             # [T, E]
+        # Kept native experts first: they are the row's best inside keep anyway, and this
+        # way equal logits are resolved in favour of what the row had natively.
+        ids = _tiered_topk(sel, [keep & native_set, keep, native_set], top_k)
         real = torch.ones_like(ids, dtype=torch.bool)
     else:
         counts = policy.counts(step)                                               # [T]
