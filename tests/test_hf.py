@@ -32,7 +32,7 @@ def fresh(arch: str):
 
 
 def routers(model) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if hf.patch._handler(m) is not None]
+    return [r for _, r in hf.find_routers(model)]
 
 
 def shape(model) -> tuple[int, int]:
@@ -233,3 +233,15 @@ def test_import_lynx_does_not_import_transformers():
     code = ("import sys, lynx_moe as lynx; lynx.apply_; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_counting_matches_the_core_functions():
+    g = torch.Generator().manual_seed(7)
+    for E, K in [(8, 2), (64, 8), (256, 8)]:
+        own = torch.rand(32, E, generator=g).topk(K).indices
+        ids = torch.where(torch.rand(32, K, generator=g) < 0.5, own, torch.rand(32, E, generator=g).topk(K).indices)
+        vote = torch.rand(32, generator=g) > 0.3
+        want = [1, int(vote.sum()), int(lynx.distinct_experts(own, vote, E)), int(lynx.distinct_experts(ids, vote, E)),
+                int(lynx.changed_assignments(ids, own, vote))]
+        assert hf.patch._count(vote, own, ids, E).tolist() == want
+        assert hf.patch._count(torch.zeros(32, dtype=torch.bool), own, ids, E).tolist() == [0] * 5

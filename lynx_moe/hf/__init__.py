@@ -7,8 +7,8 @@
 The patcher itself needs torch only; ``tiny`` imports transformers when called.
 """
 
-from .patch import SUPPORTED, LayerStats, applied, apply_, remove_, reset_stats, routing_stats
+from .patch import SUPPORTED, LayerStats, applied, apply_, find_routers, remove_, reset_stats, routing_stats
 from .tiny import TINY_ARCHS, tiny_config, tiny_model
 
-__all__ = ["SUPPORTED", "LayerStats", "apply_", "remove_", "applied", "routing_stats", "reset_stats",
+__all__ = ["SUPPORTED", "LayerStats", "find_routers", "apply_", "remove_", "applied", "routing_stats", "reset_stats",
            "TINY_ARCHS", "tiny_config", "tiny_model"]

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from ..policies import Policy
-from ..routing import changed_assignments, distinct_experts, route
+from ..routing import route
 
-__all__ = ["SUPPORTED", "LayerStats", "apply_", "remove_", "applied", "routing_stats", "reset_stats"]
+__all__ = ["SUPPORTED", "LayerStats", "find_routers", "apply_", "remove_", "applied", "routing_stats", "reset_stats"]
 
 _STATE = "_lynx_moe"  # attribute of the patched model that holds its _State
 
@@ -180,15 +180,28 @@ def _router_hook(state: _State, layer: _Layer, module: nn.Module, args: tuple, o
         ids = torch.where(moved[:, None], new_ids, own_ids)
         result = (logits, torch.where(moved[:, None], r.weights.to(own_w.dtype), own_w), ids)
     if state.stats:
-        E = logits.shape[1]
-        step = torch.stack([vote.any().long(), vote.sum(), distinct_experts(own_ids, vote, E),
-                            distinct_experts(ids, vote, E), changed_assignments(ids, own_ids, vote)])
-        layer.counts = step if layer.counts is None else layer.counts + step
+        step = _count(vote, own_ids, ids, logits.shape[1])
+        layer.counts = step if layer.counts is None else layer.counts.add_(step)
     return result
 
 
-def _find_routers(model: nn.Module) -> list[_Layer]:
-    return [_Layer(name, m, h) for name, m in model.named_modules() if (h := _handler(m)) is not None]
+def _count(vote: torch.Tensor, own_ids: torch.Tensor, ids: torch.Tensor, E: int) -> torch.Tensor:
+    """[5] int64: step has votes, voting rows, distinct experts own / final, changed slots.
+
+    Same numbers as ``distinct_experts`` and ``changed_assignments`` on the voting rows, in
+    one scatter (~20% fewer small ops; this runs on every decode call of every layer).
+    """
+    pair = torch.stack([own_ids, ids]).long().masked_fill(~vote[None, :, None], E).flatten(1)  # [2, T*K]
+    hit = torch.zeros(2, E + 1, dtype=torch.bool, device=ids.device).scatter_(1, pair, True)
+    moved = ((ids[:, :, None] != own_ids[:, None, :]).all(dim=-1) & vote[:, None]).sum()       # [T, K] -> []
+    n = vote.sum()
+    return torch.cat([(n > 0).long()[None], n[None], hit[:, :E].sum(dim=1), moved[None]])
+
+
+def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, router)`` of every router module ``apply_`` would patch (each has ``num_experts``
+    and ``top_k``); empty for an unsupported model."""
+    return [(name, m) for name, m in model.named_modules() if _handler(m) is not None]
 
 
 def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
@@ -204,7 +217,7 @@ def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
         raise ValueError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     if not isinstance(policy, Policy):
         raise ValueError(f"policy must be a lynx_moe policy (e.g. lynx.AffinityBinning()), got {policy!r}")
-    layers = _find_routers(model)
+    layers = [_Layer(name, m, _handler(m)) for name, m in find_routers(model)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MoE router that lynx_moe can patch; "
                          f"supported architectures: {', '.join(SUPPORTED)} (transformers 5.x)")
