@@ -245,3 +245,77 @@ def test_counting_matches_the_core_functions():
                 int(lynx.changed_assignments(ids, own, vote))]
         assert hf.patch._count(vote, own, ids, E).tolist() == want
         assert hf.patch._count(torch.zeros(32, dtype=torch.bool), own, ids, E).tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_bf16_and_eager_experts_keep_router_dtypes(arch):
+    # Mixtral returns fp32 weights, Qwen3 casts them to the logits dtype, GPT-OSS softmaxes in it.
+    ref = hf.tiny_model(arch, dtype=torch.bfloat16)
+    model = copy.deepcopy(ref)
+    model.set_experts_implementation("eager")
+    E, K = shape(model)
+
+    def dtypes(m) -> set:
+        seen = set()
+        handles = [r.register_forward_hook(lambda _, a, o: seen.add(tuple(t.dtype for t in o))) for r in routers(m)]
+        greedy(m, batch(8, seed=8), n=3)
+        for h in handles:
+            h.remove()
+        return seen
+
+    want = dtypes(ref)
+    lynx.apply_(model, lynx.presets.for_shape(E, K)[1])
+    assert dtypes(model) == want and len(want) == 1
+    assert all(s.changed_share > 0 for s in lynx.routing_stats(model))
+    lynx.apply_(model, lynx.TopK())
+    ref.set_experts_implementation("eager")
+    assert_same(model, ref, batch(8, seed=9))
+
+
+def _router_io(model, inputs) -> list[tuple[torch.nn.Module, tuple]]:
+    """(router, (logits, weights, ids)) of every router call in a prefill and one decode call."""
+    seen = []
+    handles = [r.register_forward_hook(lambda m, a, o: seen.append((m, o))) for r in routers(model)]
+    try:
+        prefill_and_decode(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("arch,overrides", [(a, {}) for a in ARCHS] + [("olmoe", {"norm_topk_prob": True}),
+                                                                       ("deepseek_v3", {"norm_topk_prob": False})])
+def test_handler_reproduces_native_routing(arch, overrides):
+    # The keywords given to lynx.route must describe the router's own semantics.
+    model = hf.tiny_model(arch, **overrides)
+    for router, (logits, w, ids) in _router_io(model, batch(8, seed=10)):
+        r = lynx.route(logits, ids.shape[1], lynx.TopK(), **hf.patch._handler(router)(router))
+        order, r_order = ids.sort(-1), r.ids.sort(-1)
+        assert torch.equal(order.values, r_order.values)
+        torch.testing.assert_close(w.float().gather(1, order.indices), r.weights.gather(1, r_order.indices))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patched_router_output_is_route_or_own(arch):
+    # Each decode row gets lynx.route's choice when that changes its expert set, else the router's own.
+    model = fresh(arch)
+    E, K = shape(model)
+    policy = lynx.presets.for_shape(E, K)[1]
+    own, final = [], []
+    for r in routers(model):  # registered before apply_'s hook: sees the router's own output
+        r.register_forward_hook(lambda m, a, o: own.append((m, o)))
+    lynx.apply_(model, policy, stats=False)
+    for r in routers(model):  # registered after: sees what the experts get
+        r.register_forward_hook(lambda m, a, o: final.append(o))
+    prefill_and_decode(model, batch(16, seed=11))
+    decode = [(m, o, f) for (m, o), f in zip(own, final) if o[0].shape[0] == 16]
+    assert len(decode) == len(routers(model))
+    for router, (logits, w, ids), (logits2, w2, ids2) in decode:
+        assert logits2 is logits
+        r = lynx.route(logits, K, policy, **hf.patch._handler(router)(router))
+        same = (ids2.sort(-1).values == ids.sort(-1).values).all(-1)
+        assert torch.equal(ids2[same], ids[same]) and torch.equal(w2[same], w[same])
+        assert torch.equal(ids2[~same], r.ids[~same].to(ids.dtype))
+        assert torch.equal(w2[~same], r.weights[~same].to(w.dtype)) and (~same).any()
+        assert ids2.dtype == ids.dtype and w2.dtype == w.dtype
