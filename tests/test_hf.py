@@ -319,3 +319,25 @@ def test_patched_router_output_is_route_or_own(arch):
         assert torch.equal(ids2[~same], r.ids[~same].to(ids.dtype))
         assert torch.equal(w2[~same], r.weights[~same].to(w.dtype)) and (~same).any()
         assert ids2.dtype == ids.dtype and w2.dtype == w.dtype
+
+
+def test_deepcopy_of_a_patched_model_is_independent():
+    ref = _model("olmoe")
+    model = lynx.apply_(fresh("olmoe"), lynx.AffinityBinning(alpha=3.0, beta=4))
+    twin = copy.deepcopy(model)
+    inputs = batch(8, seed=12)
+    assert torch.equal(greedy(twin, inputs)[1], greedy(model, inputs)[1])
+    assert lynx.routing_stats(twin)[0].steps > 0  # the twin counts in its own state
+    lynx.remove_(twin)
+    assert_same(twin, ref, inputs)
+    assert not torch.equal(greedy(model, inputs)[1], greedy(ref, inputs)[1])  # still patched
+
+
+def test_outer_and_inner_model_cannot_both_be_patched():
+    model = lynx.apply_(fresh("mixtral"), lynx.TopK())
+    with pytest.raises(ValueError, match="remove_"):
+        lynx.apply_(model.model, lynx.TopK())
+    lynx.remove_(model)
+    lynx.apply_(model.model, lynx.TopK())  # the inner model alone is fine: it gets the same kwargs
+    greedy(model, batch(4, seed=13), n=3)
+    assert [s.steps for s in lynx.routing_stats(model.model)] == [2, 2]

@@ -95,11 +95,15 @@ class LayerStats(NamedTuple):
     changed_share: float    # share of voting (row, slot) assignments the policy changed
 
 
+# The hooks are module-level functions that find their state through an attribute of the
+# module they are on (model -> _State, router -> _Layer -> _State), not closures: a deep copy
+# of a patched model then carries its own, working patch (and its own handles).
 @dataclass(eq=False)
 class _Layer:
     name: str
     router: nn.Module
     native: Callable[[nn.Module], dict[str, Any]]
+    state: _State
     # steps with votes, voting rows, distinct native, distinct policy, changed slots
     counts: torch.Tensor | None = None
 
@@ -109,7 +113,7 @@ class _State:
     policy: Policy
     stats: bool
     stop_ids: torch.Tensor                   # [S] int64 on the CPU; per-device copies below
-    layers: list[_Layer]
+    layers: list[_Layer] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     vote: torch.Tensor | None = None         # [T] bool during a decode call, else None
     _stop_on: dict[torch.device, torch.Tensor] = field(default_factory=dict)
@@ -164,13 +168,15 @@ def _model_post_hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> 
     getattr(module, _STATE).vote = None
 
 
-def _router_hook(state: _State, layer: _Layer, module: nn.Module, args: tuple, out: Any) -> Any:
-    vote = state.vote
+def _router_hook(module: nn.Module, args: tuple, out: Any) -> Any:
+    layer: _Layer = getattr(module, _STATE)
+    state, vote = layer.state, layer.state.vote
     if vote is None or (not state.stats and state.policy.kind == "native"):
         return None
     logits, own_w, own_ids = out                                         # [T, E], [T, K], [T, K]
     if logits.dim() != 2 or logits.shape[0] != vote.shape[0]:
         return None  # not one row per sequence: leave it native
+    vote = vote.to(logits.device, non_blocking=True)  # a no-op unless layers sit on other devices
     ids = own_ids
     result = None
     if state.policy.kind != "native":
@@ -217,21 +223,28 @@ def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
         raise ValueError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     if not isinstance(policy, Policy):
         raise ValueError(f"policy must be a lynx_moe policy (e.g. lynx.AffinityBinning()), got {policy!r}")
-    layers = [_Layer(name, m, _handler(m)) for name, m in find_routers(model)]
-    if not layers:
+    routers = find_routers(model)
+    if not routers:
         raise ValueError(f"{type(model).__name__} has no MoE router that lynx_moe can patch; "
                          f"supported architectures: {', '.join(SUPPORTED)} (transformers 5.x)")
-    for layer in layers:
-        policy.check_top_k(int(layer.router.top_k))
+    mine = getattr(model, _STATE, None)
+    for name, router in routers:
+        policy.check_top_k(int(router.top_k))
+        owner = getattr(router, _STATE, None)
+        if owner is not None and owner.state is not mine:
+            raise ValueError(f"{name} is already patched through another module (an outer or inner "
+                             "model): lynx.remove_ that one first")
     stop = _stop_token_ids(model) if stop_token_ids is None else [int(t) for t in stop_token_ids]
     remove_(model)
-    state = _State(policy, bool(stats), torch.tensor(stop, dtype=torch.long), layers)
+    state = _State(policy, bool(stats), torch.tensor(stop, dtype=torch.long))
     setattr(model, _STATE, state)
     state.handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
     state.handles.append(model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True))
-    for layer in layers:
-        hook = lambda m, a, o, layer=layer: _router_hook(state, layer, m, a, o)  # noqa: E731
-        state.handles.append(layer.router.register_forward_hook(hook))
+    for name, router in routers:
+        layer = _Layer(name, router, _handler(router), state)
+        state.layers.append(layer)
+        setattr(router, _STATE, layer)
+        state.handles.append(router.register_forward_hook(_router_hook))
     return model
 
 
@@ -241,6 +254,8 @@ def remove_(model: nn.Module) -> nn.Module:
     if state is not None:
         for handle in state.handles:
             handle.remove()
+        for layer in state.layers:
+            delattr(layer.router, _STATE)
         delattr(model, _STATE)
     return model
 
