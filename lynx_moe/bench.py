@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replay-from", type=Path, default=None,
                         help="model whose router logits the --shape stack replays (default: the reference model)")
     parser.add_argument("--data", type=Path, action="append", default=None,
-                        help="held-out text JSONL file or folder (repeatable; default: MODEL/eval)")
+                        help="held-out text JSONL file or folder (repeatable; default: MODEL/eval/heldout)")
     parser.add_argument("--policy", type=policy_arg, action="append", default=None,
                         help="policy spec to compare with native (repeatable; default: the authors' "
                              "AffinityBinning preset for the model's shape)")
@@ -93,11 +93,11 @@ def _check_args(args: argparse.Namespace) -> None:
 def _model_and_tokens(args, rows: int, length: int):
     """``(model, tokens [rows, length], replay or None, description)``."""
     from .cli import UsageError
-    from .profile import load_model, load_texts, record_routing, token_batch
+    from .profile import default_data, load_model, load_texts, record_routing, token_batch
     if args.shape is None:
         model, tokenizer = load_model(args.model)
         path = args.model or _ref_path()
-        texts = load_texts(args.data or [Path(path) / "eval"])
+        texts = load_texts(args.data or [default_data(path)])
         tokens = token_batch(texts, tokenizer, rows, length, model.config.vocab_size)
         return model, tokens, None, {"model": str(path)}
 
@@ -114,7 +114,7 @@ def _model_and_tokens(args, rows: int, length: int):
             raise UsageError(f"--replay-from has {E} experts top-{src.config.num_experts_per_tok} but "
                              f"{args.shape} has {shape.experts} top-{shape.top_k}; use --router random")
         path = args.replay_from or _ref_path()
-        texts = load_texts(args.data or [Path(path) / "eval"])
+        texts = load_texts(args.data or [default_data(path)])
         rec_tokens = token_batch(texts, tokenizer, rows, length, src.config.vocab_size)
         logits, _ = record_routing(src, rec_tokens, args.prompt_len, progress=not args.json_only)
         desc["replay_from"] = str(path)
@@ -188,7 +188,7 @@ def _bench_batch(model, tokens, prompt_len, replay, policies, repeats, progress)
 
 
 def _summarise(B, res, step_bytes, context, bw) -> list[dict]:
-    runs, out = res["runs"], []
+    runs, out, totals = res["runs"], [], []
     native = runs["native"]
     for name, secs in runs.items():
         ms = [1000 * s for s in secs]
@@ -196,6 +196,7 @@ def _summarise(B, res, step_bytes, context, bw) -> list[dict]:
         distinct = res["distinct"][name]
         expert_b = step_bytes.experts_read(distinct)
         total_b = expert_b + step_bytes.other_read(B, context)
+        totals.append(total_b)
         row = {"batch": B, "policy": name, "ms_per_step": round(statistics.median(ms), 2),
                "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
                "tokens_per_s": round(B * 1000 / statistics.median(ms), 1),
@@ -206,19 +207,22 @@ def _summarise(B, res, step_bytes, context, bw) -> list[dict]:
         if bw is not None:
             row["bound_ms"] = round(total_b / bw.gbps / 1e6, 2)
         out.append(row)
+    # The speedup a purely memory-bound step would get: native bytes / policy bytes.
+    for row, total_b in zip(out, totals):
+        row["bound_speedup"] = round(totals[0] / total_b, 3)
     return out
 
 
 def _header() -> str:
     return (f"{'B':>3} {'policy':<34} {'ms/step':>8} {'min-max':>13} {'tok/s':>8} {'speedup':>7} "
-            f"{'distinct':>8} {'expert MB':>9} {'total MB':>8} {'bound ms':>8}")
+            f"{'distinct':>8} {'expert MB':>9} {'total MB':>8} {'bound ms':>8} {'bound x':>7}")
 
 
 def _row(r: dict) -> str:
     return (f"{r['batch']:>3} {r['policy'][:34]:<34} {r['ms_per_step']:>8.1f} "
             f"{r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} {r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}x "
             f"{r['distinct_mean']:>8.1f} {r['expert_mb_per_step']:>9.1f} {r['total_mb_per_step']:>8.1f} "
-            f"{r.get('bound_ms', float('nan')):>8.1f}")
+            f"{r.get('bound_ms', float('nan')):>8.1f} {r['bound_speedup']:>6.2f}x")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["add_arguments", "run", "load_model", "load_texts", "token_batch", "prefill",
-           "decode_step", "record_routing", "profile_stats"]
+           "decode_step", "record_routing", "default_data", "profile_stats"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the reference model)")
     parser.add_argument("--data", type=Path, action="append", default=None,
                         help="held-out text: a JSONL file with a 'text' field per line, or a folder of them "
-                             "(repeatable; default: MODEL/eval)")
+                             "(repeatable; default: MODEL/eval/heldout)")
     parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 8, 32, 64], help="e.g. 1,8,32,64")
     parser.add_argument("--steps", type=int, default=32, help="decode steps per sequence (default 32)")
     parser.add_argument("--prompt-len", type=int, default=16, help="tokens prefilled before decoding (default 16)")
@@ -102,6 +102,23 @@ def load_texts(paths: list[Path]) -> dict[str, list[str]]:
     if not texts:
         raise UsageError(f"no JSONL records with a 'text' field in {', '.join(map(str, paths))}")
     return texts
+
+
+def default_data(model_path: Path) -> Path:
+    """The held-out text shipped with a model (``eval/heldout``, else ``eval``), or, for a
+    model without any, the reference model's per-domain test segments."""
+    from .cli import UsageError
+    candidates = [Path(model_path) / "eval"]
+    try:
+        candidates.append(_ref_path() / "eval")
+    except FileNotFoundError:
+        pass
+    for eval_dir in candidates:
+        if (eval_dir / "heldout").is_dir():
+            return eval_dir / "heldout"
+        if eval_dir.is_dir():
+            return eval_dir
+    raise UsageError(f"no held-out text found for {model_path} (looked for {candidates[0]}): pass --data FILE.jsonl")
 
 
 def token_batch(texts: dict[str, list[str]], tokenizer, rows: int, length: int, vocab: int) -> torch.Tensor:
@@ -226,7 +243,8 @@ def profile_stats(logits: torch.Tensor, ids: torch.Tensor, batch_sizes: list[int
 def _table(stats: dict, batch_sizes: list[int]) -> str:
     pols = sorted({p for ly in stats["layers"] for e in ly["batch"].values() for p in e.get("policy_distinct", {})})
     head = f"{'layer':>5} {'B':>4} {'distinct mean±std':>18} {'min-max':>8} {'load max/mean':>13} {'load cv':>7}"
-    head += "".join(f"  {p[:28]:>28}" for p in pols)
+    widths = [max(len(p), 8) for p in pols]
+    head += "".join(f"  {p:>{w}}" for p, w in zip(pols, widths))
     lines = [head]
     for ly in stats["layers"]:
         for B in batch_sizes:
@@ -234,8 +252,10 @@ def _table(stats: dict, batch_sizes: list[int]) -> str:
             d = e["distinct"]
             row = (f"{ly['layer']:>5} {B:>4} {d['mean']:>11.1f} ± {d['std']:<4.1f} {d['min']:>3.0f}-{d['max']:<4.0f}"
                    f" {e['load_max_over_mean']:>13.2f} {e['load_cv']:>7.2f}")
-            row += "".join(f"  {e['policy_distinct'][p]['mean']:>28.1f}" for p in pols)
+            row += "".join(f"  {e['policy_distinct'][p]['mean']:>{w}.1f}" for p, w in zip(pols, widths))
             lines.append(row)
+    if pols:
+        lines.insert(0, "distinct experts per step, native and (offline, on the same logits) per policy:")
     lines.append(f"share of rows whose rank-j expert is in the top-1's bin (alpha={stats['alpha']}), j=1..K:")
     for ly in stats["layers"]:
         lines.append(f"  layer {ly['layer']}: " + " ".join(f"{v:.2f}" for v in ly["same_bin_by_rank"])
@@ -261,6 +281,7 @@ def _plots(stats: dict, batch_sizes: list[int], out: Path) -> list[str]:
                     label=f"layer {ly['layer']}: {p}" if ly["layer"] == 0 else None)
     ax.axhline(stats["num_experts"], color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(batch_sizes, [str(B) for B in batch_sizes])
     ax.set_xlabel("batch size (decode rows per step)")
     ax.set_ylabel("distinct experts per step")
     ax.set_title("Distinct experts per layer and step (mean ± std)")
@@ -299,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
     path = Path(args.model) if args.model else None
-    data = args.data or [(path or _ref_path()) / "eval"]
+    data = args.data or [default_data(path or _ref_path())]
     texts = load_texts(data)
     rows = max(args.batch_sizes)
     tokens = token_batch(texts, tokenizer, rows, args.prompt_len + args.steps, model.config.vocab_size)
