@@ -36,14 +36,21 @@ class Step(NamedTuple):
     logits: torch.Tensor      # [T, E] fp32 selection logits; -inf outside a row's groups
     native_ids: torch.Tensor  # [T, K] native choice, best first
     native_w: torch.Tensor    # [T, K] native weights (fp32)
-    vote: torch.Tensor        # [T] bool: valid decode rows
-    n_votes: torch.Tensor     # [] float64: number of voting rows (>= 1 to avoid 0 division)
+    vote: torch.Tensor | None  # [T] bool: valid decode rows; None when every row votes
+    n_votes: torch.Tensor | float  # number of voting rows (>= 1); a float when every row votes
     top_k: int
 
 
 def _expand(step: Step, mask_rows: torch.Tensor) -> torch.Tensor:
     """Union over voting rows of a per-row [T, E] bool mask -> keep [E]."""
-    return (mask_rows & step.vote[:, None]).any(dim=0)
+    if step.vote is not None:
+        mask_rows = mask_rows & step.vote[:, None]
+    return mask_rows.any(dim=0)
+
+
+def _full(step: Step, value: int) -> torch.Tensor:
+    """[T] int64 filled with value."""
+    return torch.full(step.logits.shape[:1], value, dtype=torch.long, device=step.logits.device)
 
 
 def _rows_first(step: Step, counts: torch.Tensor) -> torch.Tensor:
@@ -120,22 +127,33 @@ class AffinityBinning(Policy):
         _check(isinstance(self.protect_top1, bool), "protect_top1", f"must be a bool, got {self.protect_top1!r}")
 
     def keep(self, step: Step) -> torch.Tensor:
-        L, vote, k = step.logits, step.vote, step.top_k
-        B = step.n_votes
-        q = torch.ceil(self.alpha * (L - L.max(dim=-1, keepdim=True).values))  # [T, E] <= 0
-        if self.beta is not None:
-            # Integer arithmetic in float64: H = B**(q + beta) is exact, so popularity ties
-            # are exact ties (broken by expert index, as in the authors' kernels).
-            q = q.clamp(min=-self.beta)
-            h = torch.pow(B, (q + self.beta).double())
-            scale = torch.pow(B, float(self.beta + 1))
+        L, vote, k, B = step.logits, step.vote, step.top_k, step.n_votes
+        T, E = L.shape
+        q = torch.ceil(self.alpha * (L - L.amax(dim=-1, keepdim=True)))     # [T, E] bins <= 0
+        if self.beta is not None and (self.beta + 1) * float(T) ** (self.beta + 1) * E < 2**52:
+            # Exact integer arithmetic in float64: H * B**beta = B**level with
+            # level = q + beta in [0, beta], so popularity ties are exact ties, broken by
+            # expert index like the authors' kernels; one exact key replaces a stable sort.
+            level = q.clamp(min=-self.beta) + self.beta
+            j = torch.arange(self.beta + 1, dtype=torch.float64, device=L.device)
+            powers = (B ** j).expand(T, -1)                                    # [T, beta + 1]
+            h = powers.gather(1, level.long())                                 # [T, E]
+            if vote is not None:
+                h = h * vote[:, None]
+            others = h.sum(dim=0, keepdim=True) - h                            # < B**(beta + 1)
+            rev = torch.arange(E - 1, -1, -1, dtype=torch.float64, device=L.device)
+            # (M + beta) * B**(beta + 1), then the index: all integers below 2**53.
+            key = (level.double() * B ** (self.beta + 1) + others) * E + rev
+            picks = torch.topk(key, k, dim=-1).indices
         else:
+            # No clamp (or a batch too large for exact integers): float64, stable sort.
+            if self.beta is not None:
+                q = q.clamp(min=-self.beta)
             h = torch.pow(B, q.double())
-            scale = B
-        h = torch.where(vote[:, None], h, 0.0)
-        others = h.sum(dim=0, keepdim=True) - h                                # [T, E]
-        m = q.double() + others / scale
-        picks = torch.sort(m, dim=-1, descending=True, stable=True).indices[:, :k]
+            if vote is not None:
+                h = h * vote[:, None]
+            m = q.double() + (h.sum(dim=0, keepdim=True) - h) / B
+            picks = torch.sort(m, dim=-1, descending=True, stable=True).indices[:, :k]
         chosen = torch.zeros_like(L, dtype=torch.bool).scatter(1, picks, True)
         if self.protect_top1:
             chosen = chosen.scatter(1, step.native_ids[:, :1], True)
@@ -181,7 +199,7 @@ class StaticK(Policy):
         _check(self.k <= top_k, "k", f"StaticK(k={self.k}) needs k <= the model's top_k={top_k}")
 
     def counts(self, step: Step) -> torch.Tensor:
-        return torch.full_like(step.vote, self.k, dtype=torch.long)
+        return _full(step, self.k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +262,7 @@ class OEA(Policy):
         _check(self.k0 <= top_k, "k0", f"OEA(k0={self.k0}) needs k0 <= top_k={top_k}")
 
     def keep(self, step: Step) -> torch.Tensor:
-        counts = torch.full_like(step.vote, self.k0, dtype=torch.long)
+        counts = _full(step, self.k0)
         return _expand(step, _rows_first(step, counts))
 
 
@@ -269,7 +287,7 @@ class XShare(Policy):
         _check(self.budget >= top_k, "budget", f"XShare(budget={self.budget}) needs budget >= top_k={top_k}")
 
     def keep(self, step: Step) -> torch.Tensor:
-        counts = torch.full_like(step.vote, self.k0, dtype=torch.long)
+        counts = _full(step, self.k0)
         return _top_mass(step, self.budget, forced=_expand(step, _rows_first(step, counts)))
 
 
@@ -277,7 +295,7 @@ def _top_mass(step: Step, n: int, forced: torch.Tensor | None) -> torch.Tensor:
     """The ``n`` experts with the largest summed native weight over voting rows (forced ones
     first, zero-mass experts never). Counting each row's mass over its native top-k makes
     the objective modular, so greedy selection is exactly one sort."""
-    w = torch.where(step.vote[:, None], step.native_w, 0.0)
+    w = step.native_w if step.vote is None else step.native_w * step.vote[:, None]
     mass = torch.zeros(step.logits.shape[1], dtype=torch.float64, device=w.device)
     mass = mass.scatter_add(0, step.native_ids.flatten(), w.double().flatten())   # [E]
     used = mass > 0

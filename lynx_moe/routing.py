@@ -25,8 +25,8 @@ a step never touches an expert that native routing would not have touched. A row
 ids of experts the batch already uses (then the row's next native ones), never a duplicate.
 
 Weights keep the native semantics: with ``renormalize`` they sum to 1; otherwise they are
-rescaled to the row's original native top-k mass (the paper's rule). A voting row whose
-experts did not change gets its native weights bit for bit.
+rescaled to the row's original native top-k mass (the paper's rule). They are recomputed
+for every voting row, so an unchanged row may differ from native in the last bit.
 
 Non-finite logits: NaN and -inf count as the lowest float32 value, +inf as the highest, so
 ids stay in ``[0, E)``, without duplicates, and weights stay finite. No host sync and no Python
@@ -72,6 +72,8 @@ def _validate(logits, top_k, policy, renormalize, scoring, bias, n_group, topk_g
         got = f"{logits.dim()}-d {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"router_logits must be a float tensor of shape [T, E], got {got}")
     E = logits.shape[1]
+    if E > 4096:
+        raise ValueError(f"at most 4096 experts are supported, got E={E}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an integer in [1, E={E}], got {top_k!r}")
     if not isinstance(policy, Policy):
@@ -135,38 +137,37 @@ def _native(x, top_k, renormalize, scoring, bias, n_group, topk_group, scale):
     return w * scale, ids, sel, mass
 
 
-def _tiered_topk(sel: torch.Tensor, tiers: list[torch.Tensor], k: int) -> torch.Tensor:
-    """Top-k ids by tier first (earlier masks win), then by ``sel`` inside a tier.
+def _tiered_topk(sel: torch.Tensor, tier: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k ids by ``tier`` (small ints, higher first), then by ``sel``, then lower index.
 
-    Tiers are separated by offsets larger than each row's finite span (float64, exact).
-    Entries in no tier or with -inf ``sel`` come last; equal keys go to the lower index.
-    """
-    s = sel.double()
-    finite = torch.isfinite(s)
-    hi = torch.where(finite, s, -torch.inf).max(dim=-1, keepdim=True).values
-    lo = torch.where(finite, s, torch.inf).min(dim=-1, keepdim=True).values
-    s = s - torch.where(torch.isfinite(hi), hi, 0.0)   # row values now in [-(hi - lo), 0]
-    gap = 2 * (hi - lo).nan_to_num(0.0, 0.0, 0.0).clamp_min(0) + 1
-    key = torch.full_like(s, -torch.inf)
-    for i in range(len(tiers) - 1, -1, -1):  # a few tiers, not rows or experts
-        key = torch.where(tiers[i] & finite, s - i * gap, key)
-    return torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+    One exact float64 key (integers below 2**53), so ``topk`` needs no stable sort: the
+    tier times 2**44, plus the float32's order (its bits read as a monotone integer) times
+    2**12, plus the reversed index (E <= 4096)."""
+    E = sel.shape[1]
+    bits = sel.contiguous().view(torch.int32).double()
+    order = torch.where(bits < 0, -(2.0**31) - 1 - bits, bits)               # [-2**31, 2**31)
+    rev = torch.arange(E - 1, -1, -1, dtype=torch.float64, device=sel.device)
+    key = (tier * 2.0**32 + order) * 2.0**12 + rev
+    return torch.topk(key, k, dim=-1).indices
 
 
 def _weights(x, ids, real, renormalize, scoring, mass, scale):
     """Native weight rule applied to chosen ids; slots with ``real`` False get 0."""
     chosen = x.gather(1, ids)
     if scoring == "sigmoid":
-        raw = torch.sigmoid(chosen) * real
-        total = raw.sum(dim=-1, keepdim=True) + 1e-20
+        raw = torch.sigmoid(chosen)
+        if real is not None:
+            raw = raw * real
+        w = raw / (raw.sum(dim=-1, keepdim=True) + 1e-20)
     else:
-        top = torch.where(real, chosen, -torch.inf).max(dim=-1, keepdim=True).values
-        raw = torch.exp(chosen - top) * real
-        total = raw.sum(dim=-1, keepdim=True)
-    w = raw / total
+        top = chosen if real is None else chosen.masked_fill(~real, -torch.inf)
+        raw = torch.exp(chosen - top.amax(dim=-1, keepdim=True))
+        if real is not None:
+            raw = raw * real
+        w = raw / raw.sum(dim=-1, keepdim=True)
     if not renormalize:
         w = w * mass[:, None]
-    return w * scale
+    return w if scale == 1.0 else w * scale
 
 
 def route(
@@ -189,45 +190,45 @@ def route(
               num_expert_group, topk_group)
     T, E = router_logits.shape
     dev = router_logits.device
-    decode = _row_mask(decode_mask, T, "decode_mask", dev)
-    valid = _row_mask(valid_mask, T, "valid_mask", dev)
+    everyone = decode_mask is None and valid_mask is None
+    vote = _row_mask(decode_mask, T, "decode_mask", dev) & _row_mask(valid_mask, T, "valid_mask", dev)
     x = torch.nan_to_num(router_logits.float(), nan=_F32.min, posinf=_F32.max, neginf=_F32.min)
     scale = float(routed_scaling_factor)
     nat_w, nat_ids, sel, mass = _native(x, top_k, renormalize, scoring, e_score_correction_bias,
                                         num_expert_group, topk_group, scale)
     nat_ids = nat_ids.long()
-    vote = decode & valid
     if policy.kind == "native":
         return Routing(nat_w, nat_ids, nat_ids, vote)
 
-    n_votes = vote.sum().double().clamp_min(1)
-    step = Step(sel, nat_ids, nat_w, vote, n_votes, top_k)
+    if everyone:
+        step = Step(sel, nat_ids, nat_w, None, float(T), top_k)
+    else:
+        step = Step(sel, nat_ids, nat_w, vote, vote.sum().double().clamp_min(1), top_k)
     native_set = torch.zeros_like(x, dtype=torch.bool).scatter(1, nat_ids, True)    # [T, E]
     if policy.kind == "set":
-        keep = policy.keep(step)[None, :].expand(T, E)                             # [T, E]
-        # Kept native experts first: they are the row's best inside keep anyway, and this
-        # way equal logits are resolved in favour of what the row had natively.
-        ids = _tiered_topk(sel, [keep & native_set, keep, native_set], top_k)
-        real = torch.ones_like(ids, dtype=torch.bool)
+        keep = policy.keep(step)[None, :]                                          # [1, E]
+        # Tiers: kept native experts (a row's best inside keep anyway; this way equal logits
+        # go to what the row had), other kept experts, then native ones for rows that keep
+        # holds fewer than top_k of.
+        tier = keep.double() * 2 + native_set
+        real = None
     else:
         counts = policy.counts(step)                                               # [T]
         own = torch.zeros_like(native_set).scatter(
             1, nat_ids, torch.arange(top_k, device=dev)[None, :] < counts[:, None])
-        used = (own & vote[:, None]).any(dim=0, keepdim=True).expand(T, E)
-        ids = _tiered_topk(sel, [own, used, native_set], top_k)
+        used = (own if everyone else own & vote[:, None]).any(dim=0, keepdim=True)
+        # Own experts first; fillers (weight 0) prefer experts the batch already runs.
+        tier = own.double() * 4 + used * 2 + native_set
+    if num_expert_group is not None:
+        tier = tier * torch.isfinite(sel)   # never leave the row's native groups
+    ids = _tiered_topk(sel, tier, top_k)
+    if policy.kind == "row":
         real = own.gather(1, ids)
     w = _weights(x, ids, real, renormalize, scoring, mass, scale)
-
-    # Rows whose expert set did not change keep native weights bit for bit.
-    same = (_sorted(ids) == _sorted(nat_ids)).all(dim=-1) & real.all(dim=-1)
-    use_policy = vote & ~same
-    ids = torch.where(use_policy[:, None], ids, nat_ids)
-    w = torch.where(use_policy[:, None], w, nat_w)
+    if not everyone:
+        ids = torch.where(vote[:, None], ids, nat_ids)
+        w = torch.where(vote[:, None], w, nat_w)
     return Routing(w, ids, nat_ids, vote)
-
-
-def _sorted(ids: torch.Tensor) -> torch.Tensor:
-    return torch.sort(ids, dim=-1).values
 
 
 def select_experts(
