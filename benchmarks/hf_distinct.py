@@ -2,6 +2,8 @@
 and what the router hook and its counting cost per layer call.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/hf_distinct.py [--batch 32] [--new-tokens 16]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/hf_distinct.py --model models/lynx-ref-moe \
+        --prompts models/lynx-ref-moe/eval/heldout/fortunes.jsonl --prompt-len 32
 
 For each architecture of ``lynx_moe.hf.tiny_model`` (random weights, hidden 64, real routing
 shapes) a left-padded batch is generated greedily (EOS suppressed, so every row decodes) with
@@ -34,7 +36,7 @@ import lynx_moe as lynx  # noqa: E402
 from lynx_moe import hf  # noqa: E402
 
 
-def prompts(B: int, length: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_prompts(B: int, length: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (B, length), generator=g)
     mask = torch.ones_like(ids)
@@ -75,15 +77,27 @@ def mean_stats(model) -> dict[str, float]:
             "changed": statistics.fmean(x.changed_share for x in s)}
 
 
-def run_arch(arch: str, B: int, new_tokens: int, prompt_len: int, rounds: int) -> dict:
-    model = hf.tiny_model(arch)
+def text_prompts(path: str, tokenizer_dir: str, B: int, length: int) -> dict[str, torch.Tensor]:
+    """The first B texts of a JSONL file (field "text") or text file (one per line), left-padded,
+    cut to at most ``length`` tokens."""
+    from transformers import AutoTokenizer
+    with open(path, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] if path.endswith(".jsonl") else line for line in f if line.strip()]
+    if len(texts) < B:
+        raise SystemExit(f"{path}: {len(texts)} prompts, need --batch {B}")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, padding_side="left", truncation_side="left")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    enc = tok(texts[:B], return_tensors="pt", padding=True, truncation=True, max_length=length)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def run_model(label: str, model, inputs: dict[str, torch.Tensor], new_tokens: int, rounds: int) -> dict:
     router = hf.find_routers(model)[0][1]
     E, K = int(router.num_experts), int(router.top_k)
     preset, ab = lynx.presets.for_shape(E, K)
     policies = {"native": lynx.TopK(), "affinity_binning": ab, "oea": lynx.OEA(k0=max(1, K // 4))}
-    inputs = prompts(B, prompt_len, model.config.vocab_size)
     timed_generate(model, inputs, 2)  # warm-up
-    row = {"arch": arch, "experts": E, "top_k": K, "preset": preset,
+    row = {"arch": label, "experts": E, "top_k": K, "preset": preset,
            "policies": {n: str(p) for n, p in policies.items()}, "distinct": {}, "native_same_logits": {},
            "changed": {}, "us": {}}
     us: dict[str, list[float]] = {}
@@ -109,12 +123,25 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=12)
     p.add_argument("--archs", default=",".join(hf.TINY_ARCHS))
+    p.add_argument("--model", help="a local model folder instead of the tiny models (e.g. models/lynx-ref-moe)")
+    p.add_argument("--prompts", help="with --model: JSONL (field 'text') or text file of prompts")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds; the best median is kept")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = p.parse_args()
-    rows = [run_arch(a, args.batch, args.new_tokens, args.prompt_len, args.rounds) for a in args.archs.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        inputs = (text_prompts(args.prompts, args.model, args.batch, args.prompt_len) if args.prompts
+                  else random_prompts(args.batch, args.prompt_len, model.config.vocab_size))
+        rows = [run_model(os.path.basename(args.model.rstrip("/")), model, inputs, args.new_tokens, args.rounds)]
+    else:
+        rows = [run_model(a, m := hf.tiny_model(a), random_prompts(args.batch, args.prompt_len, m.config.vocab_size),
+                          args.new_tokens, args.rounds) for a in args.archs.split(",")]
 
-    print(f"batch {args.batch}, {args.new_tokens} new tokens (EOS suppressed), prompts {args.prompt_len} tokens "
-          f"left-padded; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"batch {args.batch}, {args.new_tokens} new tokens (EOS suppressed), prompts <= {args.prompt_len} tokens "
+          f"left-padded ({args.prompts or 'random ids'}); torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, {platform.machine()}")
     print("\ndistinct experts per decode step (mean over steps and MoE layers)")
     print(f"{'arch':<12} {'E x K':>8} {'native':>7} {'AffBin':>7} {'(chg%)':>7} {'OEA':>7} {'(chg%)':>7}  AffBin preset / OEA")
