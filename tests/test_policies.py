@@ -1,0 +1,118 @@
+"""Policy configs: validation, round trips, presets, and select_experts' input checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lynx_moe as lynx
+
+EVERY_POLICY = [lynx.TopK(), lynx.AffinityBinning(3.0, 2), lynx.AffinityBinning(1.0, None, protect_top1=True),
+                lynx.Confidence(1, 0.5), lynx.StaticK(4), lynx.SER(2, 0.3), lynx.BatchTopN(16),
+                lynx.OEA(2), lynx.XShare(16, 1)]
+
+
+@pytest.mark.parametrize("policy", EVERY_POLICY, ids=str)
+def test_round_trips(policy):
+    assert lynx.policy_from_dict(policy.to_dict()) == policy
+    assert lynx.policy_from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
+    assert lynx.parse_policy(str(policy)) == policy
+
+
+def test_parse_examples():
+    assert lynx.parse_policy("affinity_binning:alpha=3,beta=2") == lynx.AffinityBinning(alpha=3.0, beta=2)
+    assert lynx.parse_policy(" oea : k0 = 2 ") == lynx.OEA(k0=2)
+    assert lynx.parse_policy("topk") == lynx.TopK()
+    assert lynx.parse_policy("affinity_binning:alpha=1,beta=none").beta is None
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: lynx.AffinityBinning(alpha=0), "alpha"),
+    (lambda: lynx.AffinityBinning(alpha=float("nan")), "alpha"),
+    (lambda: lynx.AffinityBinning(alpha=1.0, beta=0), "beta"),
+    (lambda: lynx.AffinityBinning(alpha=1.0, beta=1.5), "beta"),
+    (lambda: lynx.Confidence(alpha=-1), "alpha"),
+    (lambda: lynx.Confidence(beta=-0.1), "beta"),
+    (lambda: lynx.StaticK(0), "k"),
+    (lambda: lynx.SER(k_min=0), "k_min"),
+    (lambda: lynx.SER(threshold=1.5), "threshold"),
+    (lambda: lynx.BatchTopN(0), "n"),
+    (lambda: lynx.OEA(0), "k0"),
+    (lambda: lynx.XShare(budget=0), "budget"),
+    (lambda: lynx.XShare(k0=True), "k0"),
+])
+def test_bad_fields_name_the_field(make, field):
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        make()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty policy spec"),
+    ("nope:x=1", "unknown policy 'nope'"),
+    ("oea:k1=2", r"unknown field\(s\) \['k1'\]"),
+    ("oea:k0", "expected field=value"),
+    ("oea:k0=two", "cannot read value"),
+    ("static_k:k=0", "^k:"),
+])
+def test_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        lynx.parse_policy(spec)
+
+
+def test_policy_from_dict_needs_name():
+    with pytest.raises(ValueError, match="'policy' key"):
+        lynx.policy_from_dict({"k0": 2})
+
+
+def test_presets():
+    assert lynx.presets.PRESETS["qwen3-30b-a3b"].policy == lynx.AffinityBinning(3.0, 2)
+    assert lynx.presets.for_shape(64, 8) == ("qwen2-57b-a14b", lynx.AffinityBinning(3.0, 4))
+    assert lynx.presets.for_shape(8, 2)[1] == lynx.AffinityBinning(0.7, 1)
+    assert lynx.presets.for_shape(16, 1)[1] == lynx.AffinityBinning(1.0, None)
+    with pytest.raises(ValueError):
+        lynx.presets.for_shape(8, 9)
+
+
+L = torch.randn(4, 8)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(router_logits=torch.randn(8)), r"shape \[T, E\]"),
+    (dict(router_logits=torch.randn(2, 4, 8)), r"shape \[T, E\]"),
+    (dict(router_logits=torch.ones(4, 8, dtype=torch.long)), "float tensor"),
+    (dict(top_k=0), r"top_k must be an integer in \[1, E=8\]"),
+    (dict(top_k=9), r"top_k must be an integer in \[1, E=8\]"),
+    (dict(top_k=2.0), "top_k must be an integer"),
+    (dict(decode_mask=torch.ones(3, dtype=torch.bool)), r"decode_mask must be a bool tensor of shape \(4,\)"),
+    (dict(valid_mask=torch.ones(4)), r"valid_mask must be a bool tensor"),
+    (dict(policy="affinity_binning"), "policy must be a lynx_moe policy"),
+    (dict(policy=lynx.StaticK(3)), "needs k <= the model's top_k=2"),
+    (dict(policy=lynx.XShare(budget=1)), "needs budget >= top_k=2"),
+    (dict(scoring="softplus"), "scoring must be one of"),
+    (dict(scoring="softmax_topk", renormalize=False), "always normalises"),
+    (dict(scoring="sigmoid", num_expert_group=3, topk_group=1), "must divide E=8"),
+    (dict(scoring="sigmoid", num_expert_group=4), "give both or neither"),
+    (dict(scoring="sigmoid", num_expert_group=4, topk_group=5), r"topk_group must be in \[1, num_expert_group=4\]"),
+    (dict(num_expert_group=4, topk_group=1), "scoring='sigmoid'"),
+    (dict(scoring="sigmoid", e_score_correction_bias=torch.zeros(7)), r"shape \(8,\)"),
+])
+def test_select_experts_rejects_bad_input(kwargs, message):
+    args = dict(router_logits=L, top_k=2, policy=lynx.AffinityBinning())
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        lynx.select_experts(**args)
+
+
+def test_distinct_experts_rejects_bad_input():
+    with pytest.raises(ValueError, match="integer tensor"):
+        lynx.distinct_experts(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="valid_mask"):
+        lynx.distinct_experts(torch.zeros(3, 2, dtype=torch.long), torch.ones(2, dtype=torch.bool))
+
+
+def test_select_experts_defaults_to_native():
+    w, ids = lynx.select_experts(L, 2)
+    nw, nids = lynx.select_experts(L, 2, lynx.TopK())
+    assert torch.equal(w, nw) and torch.equal(ids, nids)
