@@ -24,7 +24,12 @@ so with ``TopK`` the model is exactly the original.
 
 Counting (``stats=True``): per layer and decode step, distinct experts among the voting rows
 for the router's own choice and for the final choice, plus changed (row, slot) assignments,
-accumulated in one small tensor per layer (no host sync until ``routing_stats``).
+accumulated in one small tensor per layer (no host sync until ``routing_stats``). Rows that
+do not vote (finished sequences) still run their native experts and are not counted.
+
+Checked with greedy and beam search, dynamic and static caches, ``grouped_mm`` and ``eager``
+experts, fp32 and bf16; a deep copy of a patched model carries its own patch. Not checked:
+``torch.compile``d forwards (the hooks keep Python state), accelerate ``device_map`` splits.
 
 Legend: B sequences, T router rows (B x query length), E experts, K top-k.
 """
