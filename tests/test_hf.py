@@ -341,3 +341,18 @@ def test_outer_and_inner_model_cannot_both_be_patched():
     lynx.apply_(model.model, lynx.TopK())  # the inner model alone is fine: it gets the same kwargs
     greedy(model, batch(4, seed=13), n=3)
     assert [s.steps for s in lynx.routing_stats(model.model)] == [2, 2]
+
+
+def test_static_cache_and_beam_search():
+    ref, model = _model("qwen3_moe"), fresh("qwen3_moe")
+    inputs = batch(4, seed=14)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    lynx.apply_(model, lynx.TopK())
+    with torch.no_grad():
+        got = model.generate(**inputs, cache_implementation="static", **kw)
+        assert torch.equal(got, ref.generate(**inputs, cache_implementation="static", **kw))
+        assert [s.steps for s in lynx.routing_stats(model)] == [3, 3]
+        lynx.apply_(model, lynx.AffinityBinning(alpha=3.0, beta=2))
+        model.generate(**inputs, num_beams=2, **kw)
+    for s in lynx.routing_stats(model):  # 4 sequences x 2 beams, 3 decode steps
+        assert s.decode_rows == 24 and s.distinct_policy < s.distinct_native
