@@ -29,7 +29,7 @@ Usage (README section)
   vote. Call the model you patched (``model.generate`` / ``model(...)``): inner modules called
   alone get native routing.
 - With ``lynx.TopK()`` the model is bit-identical to the unpatched one; ``stats=False`` skips
-  the counting (about 0.05-0.15 ms per layer call on a 2-core CPU).
+  the counting (0.05-0.2 ms per layer call on a busy 2-core CPU).
 - ``lynx.presets.for_shape(num_experts, top_k)`` gives the authors' AffinityBinning preset
   for a routing shape, a starting point for tuning.
 """

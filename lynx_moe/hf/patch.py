@@ -18,7 +18,7 @@ is a past (``attention_mask`` longer than the query, else ``past_key_values`` no
 decode step a row votes unless its mask position is 0 (padding) or its input token is an EOS or
 pad token: ``generate`` feeds a finished sequence the pad token (the EOS when no pad is set), and
 a sequence whose last token is EOS has just finished. Prefill, chunked and speculative calls
-(query length > 1) and calls of inner modules are routed natively. Rows that do not vote, and
+(query length > 1) and calls of an inner module alone are routed natively. Rows that do not vote, and
 voting rows whose expert set the policy did not change, get the router's own output bit for bit,
 so with ``TopK`` the model is exactly the original.
 
@@ -49,12 +49,12 @@ from ..routing import route
 
 __all__ = ["SUPPORTED", "LayerStats", "find_routers", "apply_", "remove_", "applied", "routing_stats", "reset_stats"]
 
-_STATE = "_lynx_moe"  # attribute of the patched model that holds its _State
+_STATE = "_lynx_moe"  # attribute of the patched model (its _State) and of each patched router (its _Layer)
 
 
 # Router class -> lynx.route keywords reproducing its native routing (read at call time, so a
 # changed ``norm_topk_prob`` or a moved bias buffer is followed). All six routers return the
-# raw logits as their first output in transformers 5.16-5.19 (checked in tests/test_hf.py).
+# raw logits as their first output in transformers 5.19 (tests/test_hf.py checks the installed one).
 def _softmax(renormalize: bool | None) -> Callable[[nn.Module], dict[str, Any]]:
     def native(m: nn.Module) -> dict[str, Any]:
         norm = m.norm_topk_prob if renormalize is None else renormalize
