@@ -48,7 +48,7 @@ from .policies import Policy, TopK, parse_policy, policy_from_dict
 from .presets import for_shape
 from .routing import changed_assignments, distinct_experts, route
 
-__all__ = ["register", "Settings", "load_settings", "decode_and_valid_masks", "stats", "set_policy",
+__all__ = ["register", "Settings", "load_settings", "parse_spec", "decode_and_valid_masks", "stats", "set_policy",
            "PRESET", "SUPPORTED_VLLM"]
 
 SUPPORTED_VLLM = ("0.32.",)
@@ -58,8 +58,10 @@ _ENV_POLICY, _ENV_FILE, _ENV_EVERY = "LYNX_POLICY", "LYNX_POLICY_FILE", "LYNX_ST
 Spec = Policy | str   # a Policy or PRESET
 
 
-def _read_spec(value: Any, where: str) -> Spec:
-    """A spec string, ``"preset"`` or a policy dict -> Policy or PRESET; ValueError names ``where``."""
+def parse_spec(value: Any, where: str = "policy") -> Spec:
+    """A spec string, ``"preset"`` or a policy dict -> Policy or PRESET; ValueError names ``where``.
+
+    ``"preset"`` stands for ``lynx.presets.for_shape(E, K)``, chosen per layer."""
     try:
         if isinstance(value, str) and value.strip().lower() == PRESET:
             return PRESET
@@ -116,11 +118,11 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings | None:
             raise ValueError(f"{_ENV_FILE}={file_name!r}: expected an object with keys 'default', "
                              f"'models' (an object: model -> policy) and 'stats_every'; got {unknown or data!r}")
         if data.get("default") is not None:
-            default = _read_spec(data["default"], f"{_ENV_FILE} default")
-        models = [(k, _read_spec(v, f"{_ENV_FILE} model {k!r}")) for k, v in data.get("models", {}).items()]
+            default = parse_spec(data["default"], f"{_ENV_FILE} default")
+        models = [(k, parse_spec(v, f"{_ENV_FILE} model {k!r}")) for k, v in data.get("models", {}).items()]
         every_raw = every_raw if every_raw is not None else data.get("stats_every")
     if spec_text:
-        default = _read_spec(spec_text, f"{_ENV_POLICY}={spec_text!r}")
+        default = parse_spec(spec_text, f"{_ENV_POLICY}={spec_text!r}")
     every = 200 if every_raw is None else every_raw
     try:
         every = int(every)
@@ -439,7 +441,7 @@ def _route_op():
 def _set_local_policy(spec: str | dict | None) -> str:
     if _STATE is None:
         raise RuntimeError(f"lynx-moe is not enabled in this process: set {_ENV_POLICY} (e.g. 'topk')")
-    _STATE.override = None if spec is None else _read_spec(spec, "set_policy")
+    _STATE.override = None if spec is None else parse_spec(spec, "set_policy")
     _STATE._window.clear()
     return _STATE.describe_policy()
 
@@ -482,5 +484,5 @@ def set_policy(llm: Any, spec: str | dict | Policy | None) -> list[str]:
     if isinstance(spec, Policy):
         spec = str(spec)
     if isinstance(spec, str):
-        _read_spec(spec, "set_policy")   # fail here, in the driver, with the same message
+        parse_spec(spec, "set_policy")   # fail here, in the driver, with the same message
     return llm.collective_rpc("lynx_set_policy", args=(spec,))

