@@ -18,6 +18,7 @@ __all__ = ["UsageError", "main", "policy_arg", "positive_ints"]
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "policies": ("lynx_moe.cli_policies", "list the policies and the authors' presets"),
+    "serve": ("lynx_moe.serve", "vLLM's OpenAI-compatible server with a routing policy enabled"),
     "bench": ("lynx_moe.bench", "decode speed of policies vs native routing, with the memory-bandwidth floor"),
     "profile": ("lynx_moe.profile", "distinct experts, load skew and bin overlap per layer on held-out text"),
 }
