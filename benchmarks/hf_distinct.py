@@ -13,8 +13,9 @@ and MoE layers. Random router weights give near-uniform logits, so the reduction
 mechanics, not what a trained model gets.
 
 Hook cost: wall time of each decode-step router call (router forward + hooks after it), median
-over calls, best of ``--rounds`` interleaved rounds, for the unpatched model and for each policy with ``stats`` off and on; the costs are
-differences of medians (noisy on a shared CPU: compare the orders of magnitude).
+over calls, best of ``--rounds`` interleaved rounds, for the unpatched model and for each policy
+with ``stats`` off and on; the costs are differences of medians (noisy on a shared CPU: compare
+the orders of magnitude).
 
 Prints a table, then one JSON line.
 """
@@ -137,14 +138,18 @@ def main() -> None:
                   else random_prompts(args.batch, args.prompt_len, model.config.vocab_size))
         rows = [run_model(os.path.basename(args.model.rstrip("/")), model, inputs, args.new_tokens, args.rounds)]
     else:
-        rows = [run_model(a, m := hf.tiny_model(a), random_prompts(args.batch, args.prompt_len, m.config.vocab_size),
-                          args.new_tokens, args.rounds) for a in args.archs.split(",")]
+        rows = []
+        for arch in args.archs.split(","):
+            model = hf.tiny_model(arch)
+            inputs = random_prompts(args.batch, args.prompt_len, model.config.vocab_size)
+            rows.append(run_model(arch, model, inputs, args.new_tokens, args.rounds))
 
-    print(f"batch {args.batch}, {args.new_tokens} new tokens (EOS suppressed), prompts <= {args.prompt_len} tokens "
-          f"left-padded ({args.prompts or 'random ids'}); torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, {platform.machine()}")
+    print(f"batch {args.batch}, {args.new_tokens} new tokens (EOS suppressed), prompts <= {args.prompt_len} "
+          f"tokens left-padded ({args.prompts or 'random ids'}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, {platform.machine()}")
     print("\ndistinct experts per decode step (mean over steps and MoE layers)")
-    print(f"{'arch':<12} {'E x K':>8} {'native':>7} {'AffBin':>7} {'(chg%)':>7} {'OEA':>7} {'(chg%)':>7}  AffBin preset / OEA")
+    print(f"{'arch':<12} {'E x K':>8} {'native':>7} {'AffBin':>7} {'(chg%)':>7} {'OEA':>7} {'(chg%)':>7}  "
+          "AffBin preset / OEA")
     for r in rows:
         d, c = r["distinct"], r["changed"]
         print(f"{r['arch']:<12} {r['experts']:>4} x {r['top_k']:<1} {d['native']:>7.1f} {d['affinity_binning']:>7.1f} "

@@ -84,9 +84,10 @@ def main() -> None:
             with lynx.applied(model, p_):
                 out = model.generate(**batch, max_new_tokens=args.new_tokens, do_sample=False)
                 stats = lynx.routing_stats(model)
-            mean = lambda f: sum(map(f, stats)) / len(stats)  # noqa: E731
-            print(f"{str(p_):<40} distinct experts per decode step: native {mean(lambda s: s.distinct_native):.1f}"
-                  f" -> {mean(lambda s: s.distinct_policy):.1f}, slots changed {100 * mean(lambda s: s.changed_share):.0f}%")
+            native, chosen, changed = (sum(getattr(s, f) for s in stats) / len(stats)
+                                       for f in ("distinct_native", "distinct_policy", "changed_share"))
+            print(f"{str(p_):<40} distinct experts per decode step: native {native:.1f} -> {chosen:.1f}, "
+                  f"slots changed {100 * changed:.0f}%")
             if tok is not None:
                 print("   ", repr(tok.decode(out[0, n:], skip_special_tokens=True)))
 
