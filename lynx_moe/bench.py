@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -225,6 +226,28 @@ def _row(r: dict) -> str:
             f"{r.get('bound_ms', float('nan')):>8.1f} {r['bound_speedup']:>6.2f}x")
 
 
+def _conditions(load_before: float) -> dict:
+    """What a reader needs to judge the numbers: versions, cores, and how busy the machine was
+    (1-minute load average before and after; above the core count means contention)."""
+    import platform
+
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": _cpu_name() or platform.machine(), "cores": os.cpu_count(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "load_avg_before": round(load_before, 2), "load_avg_after": round(os.getloadavg()[0], 2)}
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from .bandwidth import StepBytes, copy_bandwidth
     from .presets import for_shape
@@ -232,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows, length = max(args.batch_sizes), args.prompt_len + args.new_tokens
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     model, tokens, replay, desc = _model_and_tokens(args, rows, length)
     cfg = model.config
@@ -260,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.json_only:
             print("\n".join(map(_row, rows_b)), flush=True)
     summary = {
-        **desc, "experts": E, "top_k": cfg.num_experts_per_tok, "dtype": str(next(model.parameters()).dtype),
+        **desc, **_conditions(load_before), "experts": E, "top_k": cfg.num_experts_per_tok, "dtype": str(next(model.parameters()).dtype),
         "preset": preset_name, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "setup_s": round(setup_s, 1),
         "bandwidth_gbps": None if bw is None else round(bw.gbps, 2),
@@ -271,7 +295,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.json_only and bw is not None:
         print(f"copy bandwidth {bw.gbps:.1f} GB/s (min {bw.min_gbps:.1f}, max {bw.max_gbps:.1f}); one expert "
               f"{summary['expert_mb']} MB; dense weights {summary['dense_mb_per_step']} MB/step; "
-              f"{summary['threads']} threads")
+              f"{summary['threads']} threads; load average {summary['load_avg_before']} -> "
+              f"{summary['load_avg_after']} on {summary['cores']} cores")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps(summary, indent=1))
