@@ -20,7 +20,7 @@ import time
 
 import torch
 
-__all__ = ["Bandwidth", "copy_bandwidth", "StepBytes"]
+__all__ = ["Bandwidth", "copy_bandwidth", "StepBytes", "experts_modules"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,9 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> Bandwidth:
     return Bandwidth(statistics.median(rates), min(rates), max(rates), src.numel() * 4, repeats)
 
 
-def _is_experts(module: torch.nn.Module) -> bool:
-    return type(module).__name__.endswith("Experts") and hasattr(module, "gate_up_proj")
+def experts_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The routed-experts module of every MoE layer (``mlp.experts``), in layer order."""
+    return [m for m in model.modules() if type(m).__name__.endswith("Experts") and hasattr(m, "gate_up_proj")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,7 @@ class StepBytes:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "StepBytes":
-        experts = [m for m in model.modules() if _is_experts(m)]
+        experts = experts_modules(model)
         if not experts:
             raise ValueError(f"no MoE experts modules found in {type(model).__name__}")
         expert = [sum(p.numel() * p.element_size() for p in m.parameters()) // m.gate_up_proj.shape[0]

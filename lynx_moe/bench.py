@@ -152,6 +152,30 @@ def time_decode(model, tokens: torch.Tensor, cache, prompt_len: int, replay=None
     return times
 
 
+class _ExpertClock:
+    """Wall time spent inside the routed-experts modules: the part of a step that a policy
+    can shrink (two clock reads per layer, microseconds against milliseconds)."""
+
+    def __init__(self, model) -> None:
+        from .bandwidth import experts_modules
+        self.seconds = 0.0
+        self._start = 0.0
+        self._handles = []
+        for m in experts_modules(model):
+            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_hook(self._post))
+
+    def _pre(self, module, args) -> None:
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, out) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
 def _bench_batch(model, tokens, prompt_len, replay, policies, repeats, progress) -> dict:
     """Interleaved rounds for one batch size; returns per-policy timings and distinct counts."""
     import lynx_moe as lynx
@@ -166,6 +190,8 @@ def _bench_batch(model, tokens, prompt_len, replay, policies, repeats, progress)
         replay.active = True
     names = ["native"] + [str(p) for p in policies]
     runs = {n: [] for n in names}
+    experts = {n: [] for n in names}
+    clock = _ExpertClock(model)
     distinct = {}
     bar = tqdm(total=(repeats + 1) * len(names), desc=f"batch {B}", file=sys.stderr, disable=not progress, leave=False)
     for round_ in range(repeats + 1):
@@ -176,6 +202,7 @@ def _bench_batch(model, tokens, prompt_len, replay, policies, repeats, progress)
             elif policy.kind != "native":
                 lynx.apply_(model, policy, stats=False)
             try:
+                clock.seconds = 0.0
                 secs = time_decode(model, tokens, cache, prompt_len, replay)
                 if warm:
                     distinct[name] = [s.distinct_policy for s in lynx.routing_stats(model)]
@@ -183,9 +210,11 @@ def _bench_batch(model, tokens, prompt_len, replay, policies, repeats, progress)
                 lynx.remove_(model)
             if not warm:
                 runs[name].append(sum(secs) / len(secs))
+                experts[name].append(clock.seconds / len(secs))
             bar.update()
     bar.close()
-    return {"runs": runs, "distinct": distinct}
+    clock.remove()
+    return {"runs": runs, "experts": experts, "distinct": distinct}
 
 
 def _summarise(B, res, step_bytes, context, bw) -> list[dict]:
@@ -200,6 +229,7 @@ def _summarise(B, res, step_bytes, context, bw) -> list[dict]:
         totals.append(total_b)
         row = {"batch": B, "policy": name, "ms_per_step": round(statistics.median(ms), 2),
                "ms_min": round(min(ms), 2), "ms_max": round(max(ms), 2),
+               "experts_ms_per_step": round(1000 * statistics.median(res["experts"][name]), 2),
                "tokens_per_s": round(B * 1000 / statistics.median(ms), 1),
                "speedup": round(statistics.median(speedups), 3),
                "distinct_mean": round(sum(distinct) / len(distinct), 2),
@@ -215,13 +245,13 @@ def _summarise(B, res, step_bytes, context, bw) -> list[dict]:
 
 
 def _header() -> str:
-    return (f"{'B':>3} {'policy':<34} {'ms/step':>8} {'min-max':>13} {'tok/s':>8} {'speedup':>7} "
+    return (f"{'B':>3} {'policy':<34} {'ms/step':>8} {'min-max':>13} {'experts':>8} {'tok/s':>8} {'speedup':>7} "
             f"{'distinct':>8} {'expert MB':>9} {'total MB':>8} {'bound ms':>8} {'bound x':>7}")
 
 
 def _row(r: dict) -> str:
     return (f"{r['batch']:>3} {r['policy'][:34]:<34} {r['ms_per_step']:>8.1f} "
-            f"{r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} {r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}x "
+            f"{r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} {r['experts_ms_per_step']:>8.1f} {r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}x "
             f"{r['distinct_mean']:>8.1f} {r['expert_mb_per_step']:>9.1f} {r['total_mb_per_step']:>8.1f} "
             f"{r.get('bound_ms', float('nan')):>8.1f} {r['bound_speedup']:>6.2f}x")
 

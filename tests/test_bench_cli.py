@@ -110,6 +110,7 @@ def test_bench_model_end_to_end(tiny_dir, data_file, capsys):
     assert oea4["expert_mb_per_step"] <= native4["expert_mb_per_step"]
     assert native4["bound_speedup"] == 1.0 and oea4["bound_speedup"] >= 1.0
     assert all(r["ms_min"] <= r["ms_per_step"] <= r["ms_max"] and r["bound_ms"] > 0 for r in rows)
+    assert all(0 < r["experts_ms_per_step"] <= r["ms_max"] for r in rows)
     assert summary["bandwidth_gbps"] > 0
 
 
