@@ -110,7 +110,7 @@ def _model_and_tokens(args, rows: int, length: int):
     if args.router == "replay":
         # Record first: the reference model is small, the stack is not.
         src, tokenizer = load_model(args.replay_from)
-        E = src.config.num_experts if hasattr(src.config, "num_experts") else src.config.num_local_experts
+        E = _num_experts(src.config)
         if (E, src.config.num_experts_per_tok) != (shape.experts, shape.top_k):
             raise UsageError(f"--replay-from has {E} experts top-{src.config.num_experts_per_tok} but "
                              f"{args.shape} has {shape.experts} top-{shape.top_k}; use --router random")
@@ -125,6 +125,14 @@ def _model_and_tokens(args, rows: int, length: int):
     tokens = torch.randint(1, model.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
     replay = LogitReplay(model, logits) if logits is not None else None
     return model, tokens, replay, desc
+
+
+def _num_experts(cfg) -> int:
+    for name in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if isinstance(getattr(cfg, name, None), int):
+            return getattr(cfg, name)
+    from .cli import UsageError
+    raise UsageError(f"{type(cfg).__name__} names no routed-expert count: is this a MoE model?")
 
 
 def _ref_path() -> Path:
@@ -289,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tokens, replay, desc = _model_and_tokens(args, rows, length)
     cfg = model.config
-    E = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or cfg.n_routed_experts
+    E = _num_experts(cfg)
     preset_name, preset = for_shape(E, cfg.num_experts_per_tok)
     policies = [p for p in (args.policy or [preset]) if p.kind != "native"]
     try:
@@ -300,7 +308,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         from .cli import UsageError
         raise UsageError(str(e)) from None
-    step_bytes = StepBytes.of(model)
+    try:
+        step_bytes = StepBytes.of(model)
+    except ValueError as e:
+        from .cli import UsageError
+        raise UsageError(str(e)) from None
     bw = copy_bandwidth(args.bandwidth_mib << 20) if args.bandwidth_mib else None
     setup_s = time.perf_counter() - t0
     results = []
