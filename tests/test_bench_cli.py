@@ -148,3 +148,11 @@ def test_step_bytes_match_shape():
     assert sb.expert == [shape.expert_bytes()] * 2
     assert sb.experts_read([10, 20]) == 30 * shape.expert_bytes()
     assert sb.kv_per_token == 2 * 2 * shape.kv_heads * shape.head_dim * 2
+
+
+def test_bench_replay_needs_same_routing_shape(data_file, tmp_path, capsys):
+    from lynx_moe.hf import tiny_model
+    tiny_model("mixtral", dtype=torch.bfloat16).save_pretrained(tmp_path)     # 8 experts top-2
+    code, _, err = _cli(["bench", "--shape", "olmoe-tiny", "--replay-from", str(tmp_path), "--data", str(data_file)],
+                        capsys)
+    assert code == 2 and "--router random" in err
