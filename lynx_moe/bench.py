@@ -44,28 +44,35 @@ __all__ = ["add_arguments", "run", "time_decode"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import policy_arg, positive_ints
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: the reference model)")
-    parser.add_argument("--shape", type=str, default=None,
+    parser.add_argument("--model", type=Path, default=None, metavar="PATH",
+                        help="model folder (default: the reference model)")
+    parser.add_argument("--shape", type=str, default=None, metavar="NAME",
                         help="benchmark a random-weight stack of this shape instead (see lynx_moe.shapes: "
                              "olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b, olmoe-tiny)")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the --shape stack (default 4)")
+    parser.add_argument("--layers", type=int, default=4, metavar="N",
+                        help="decoder layers of the --shape stack (default 4)")
     parser.add_argument("--router", choices=("replay", "random"), default="replay",
                         help="--shape routers: replay recorded logits (default) or keep random weights")
-    parser.add_argument("--replay-from", type=Path, default=None,
+    parser.add_argument("--replay-from", type=Path, default=None, metavar="PATH",
                         help="model whose router logits the --shape stack replays (default: the reference model)")
-    parser.add_argument("--data", type=Path, action="append", default=None,
+    parser.add_argument("--data", type=Path, action="append", default=None, metavar="FILE",
                         help="held-out text JSONL file or folder (repeatable; default: MODEL/eval/heldout)")
-    parser.add_argument("--policy", type=policy_arg, action="append", default=None,
+    parser.add_argument("--policy", type=policy_arg, action="append", default=None, metavar="SPEC",
                         help="policy spec to compare with native (repeatable; default: the authors' "
                              "AffinityBinning preset for the model's shape)")
-    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 8, 16, 32, 64], help="e.g. 1,8,32")
-    parser.add_argument("--new-tokens", type=int, default=16, help="timed decode steps per run (default 16)")
-    parser.add_argument("--prompt-len", type=int, default=16, help="prefilled tokens per sequence (default 16)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--bandwidth-mib", type=int, default=1024,
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 8, 16, 32, 64], metavar="B,B,...",
+                        help="e.g. 1,8,32")
+    parser.add_argument("--new-tokens", type=int, default=16, metavar="N",
+                        help="timed decode steps per run (default 16)")
+    parser.add_argument("--prompt-len", type=int, default=16, metavar="N",
+                        help="prefilled tokens per sequence (default 16)")
+    parser.add_argument("--repeats", type=int, default=3, metavar="R", help="timed rounds (default 3)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: torch's choice)")
+    parser.add_argument("--bandwidth-mib", type=int, default=1024, metavar="MIB",
                         help="buffer size of the copy-bandwidth measurement (default 1024 MiB; 0: skip)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the results to OUT/bench.json")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="also write the results to OUT/bench.json")
     parser.add_argument("--json-only", action="store_true", help="print only the final JSON line")
 
 
@@ -201,7 +208,8 @@ def _bench_batch(model, tokens, prompt_len, replay, policies, repeats, progress)
     experts = {n: [] for n in names}
     clock = _ExpertClock(model)
     distinct = {}
-    bar = tqdm(total=(repeats + 1) * len(names), desc=f"batch {B}", file=sys.stderr, disable=not progress, leave=False)
+    bar = tqdm(total=(repeats + 1) * len(names), desc=f"batch {B}", file=sys.stderr,
+               disable=not progress, leave=False)
     for round_ in range(repeats + 1):
         warm = round_ == 0
         for name, policy in zip(names, [lynx.TopK()] + list(policies)):
@@ -259,7 +267,8 @@ def _header() -> str:
 
 def _row(r: dict) -> str:
     return (f"{r['batch']:>3} {r['policy'][:34]:<34} {r['ms_per_step']:>8.1f} "
-            f"{r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} {r['experts_ms_per_step']:>8.1f} {r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}x "
+            f"{r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} {r['experts_ms_per_step']:>8.1f} "
+            f"{r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}x "
             f"{r['distinct_mean']:>8.1f} {r['expert_mb_per_step']:>9.1f} {r['total_mb_per_step']:>8.1f} "
             f"{r.get('bound_ms', float('nan')):>8.1f} {r['bound_speedup']:>6.2f}x")
 
@@ -320,13 +329,14 @@ def run(args: argparse.Namespace) -> int:
         print(_header(), flush=True)
     for B in args.batch_sizes:
         res = _bench_batch(model, tokens[:B], args.prompt_len, replay, policies, args.repeats, not args.json_only)
-        context = args.prompt_len + (args.new_tokens - 1) / 2   # mean cached tokens over the timed steps
+        context = args.prompt_len + (args.new_tokens + 1) / 2   # mean tokens attended per timed step
         rows_b = _summarise(B, res, step_bytes, context, bw)
         results += rows_b
         if not args.json_only:
             print("\n".join(map(_row, rows_b)), flush=True)
     summary = {
-        **desc, **_conditions(load_before), "experts": E, "top_k": cfg.num_experts_per_tok, "dtype": str(next(model.parameters()).dtype),
+        **desc, **_conditions(load_before), "experts": E, "top_k": cfg.num_experts_per_tok,
+        "dtype": str(next(model.parameters()).dtype),
         "preset": preset_name, "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
         "repeats": args.repeats, "threads": torch.get_num_threads(), "setup_s": round(setup_s, 1),
         "bandwidth_gbps": None if bw is None else round(bw.gbps, 2),

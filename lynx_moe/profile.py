@@ -34,19 +34,24 @@ __all__ = ["add_arguments", "run", "load_model", "load_texts", "token_batch", "p
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import policy_arg, positive_ints
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: the reference model)")
-    parser.add_argument("--data", type=Path, action="append", default=None,
+    parser.add_argument("--model", type=Path, default=None, metavar="PATH",
+                        help="model folder (default: the reference model)")
+    parser.add_argument("--data", type=Path, action="append", default=None, metavar="FILE",
                         help="held-out text: a JSONL file with a 'text' field per line, or a folder of them "
                              "(repeatable; default: MODEL/eval/heldout)")
-    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 8, 32, 64], help="e.g. 1,8,32,64")
-    parser.add_argument("--steps", type=int, default=32, help="decode steps per sequence (default 32)")
-    parser.add_argument("--prompt-len", type=int, default=16, help="tokens prefilled before decoding (default 16)")
-    parser.add_argument("--policy", type=policy_arg, action="append", default=None,
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 8, 32, 64], metavar="B,B,...",
+                        help="e.g. 1,8,32,64")
+    parser.add_argument("--steps", type=int, default=32, metavar="N", help="decode steps per sequence (default 32)")
+    parser.add_argument("--prompt-len", type=int, default=16, metavar="N",
+                        help="tokens prefilled before decoding (default 16)")
+    parser.add_argument("--policy", type=policy_arg, action="append", default=None, metavar="SPEC",
                         help="also count the distinct experts this policy keeps (offline, on the recorded "
                              "logits; repeatable; default: the authors' AffinityBinning preset for the shape)")
-    parser.add_argument("--out", type=Path, default=Path("runs/profile"), help="output folder (default runs/profile)")
+    parser.add_argument("--out", type=Path, default=Path("runs/profile"), metavar="DIR",
+                        help="output folder (default runs/profile)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: torch's choice)")
     parser.add_argument("--json-only", action="store_true", help="print only the final JSON line")
 
 
@@ -292,7 +297,8 @@ def _plots(stats: dict, batch_sizes: list[int], out: Path) -> list[str]:
 
     n = len(stats["layers"])
     cols = min(4, n)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(3.2 * cols, 2.6 * math.ceil(n / cols)), squeeze=False)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False)
     for ax, ly in zip(axes.flat, stats["layers"]):
         share = sorted(ly["expert_share"], reverse=True)
         ax.bar(range(len(share)), share, width=1.0)
