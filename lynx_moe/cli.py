@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lynx_moe.serve", "vLLM's OpenAI-compatible server with a routing policy enabled"),
     "bench": ("lynx_moe.bench", "decode speed of policies vs native routing, with the memory-bandwidth floor"),
     "profile": ("lynx_moe.profile", "distinct experts, load skew and bin overlap per layer on held-out text"),
+    "eval": ("lynx_moe.evaluate", "quality of policies vs native routing in decode mode: perplexity, KL, agreement, task accuracy"),
+    "lm-eval": ("lynx_moe.cli_lm_eval", "lm-evaluation-harness with the 'lynx-hf' model (a policy from model_args)"),
+    "demo": ("lynx_moe.demo", "the whole story on the reference model: experts saved, speed, quality (< 10 min)"),
 }
 
 

@@ -1,0 +1,167 @@
+"""Evaluation data for ``lynx eval``: held-out text for perplexity and the accuracy tasks.
+
+Tasks are read from the lm-evaluation-harness YAML files shipped with a model (the reference
+model's ``eval/*.yaml``), so ``lynx eval`` and ``lynx lm-eval`` score the same items:
+
+- ``output_type: multiple_choice`` -> ``Task(kind="choice")``: ``doc_to_text`` is the context,
+  ``doc_to_choice`` the candidate continuations, ``doc_to_target`` the right one's index;
+  chance = mean of 1 / number of choices.
+- ``output_type: generate_until`` -> ``Task(kind="generate")``: ``doc_to_target`` is the
+  answer, scored by exact match of the first generated word; "chance" is the share of items
+  whose answer is the most common answer (what always giving that answer would score).
+
+Templates are ``{{field}}`` or a bare field name (anything else goes through jinja2, which
+lm-eval brings). ``loglikelihood_rolling`` tasks are the held-out text, which ``lynx eval``
+reads directly from ``eval/heldout/*.jsonl`` (see ``lynx_moe.profile.load_texts``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Task", "load_tasks", "select_tasks", "heldout_rows"]
+
+_FIELD = re.compile(r"^\s*\{\{\s*(\w+)\s*\}\}\s*$")
+_BARE = re.compile(r"^\s*(\w+)\s*$")
+
+
+@dataclass
+class Task:
+    """One accuracy task: ``items`` are dicts with ``context`` and either ``choices`` + ``label``
+    (kind "choice") or ``answer`` (kind "generate")."""
+
+    name: str
+    kind: str                          # "choice" or "generate"
+    items: list[dict[str, Any]]
+    max_new_tokens: int = 8
+    source: str = ""
+    chance: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.items:
+            self.chance = 0.0
+        elif self.kind == "choice":
+            self.chance = sum(1 / len(it["choices"]) for it in self.items) / len(self.items)
+        else:
+            answers = Counter(str(it["answer"]).strip().lower() for it in self.items)
+            self.chance = answers.most_common(1)[0][1] / len(self.items)
+
+
+def _render(template: Any, doc: dict[str, Any]) -> Any:
+    if not isinstance(template, str):
+        return template
+    m = _FIELD.match(template) or _BARE.match(template)
+    if m and m.group(1) in doc:
+        return doc[m.group(1)]
+    import jinja2
+    return jinja2.Template(template).render(**doc)
+
+
+def _data_file(spec: dict[str, Any], yaml_path: Path) -> Path | None:
+    files = (spec.get("dataset_kwargs") or {}).get("data_files") or {}
+    split = spec.get("test_split") or "test"
+    rel = files.get(split) if isinstance(files, dict) else files
+    if isinstance(rel, list):
+        rel = rel[0] if rel else None
+    if not isinstance(rel, str):
+        return None
+    rel_path = Path(rel)
+    # lm-eval resolves data_files against the working directory (the repository root for the
+    # reference model); from anywhere else, look beside the YAML file.
+    for cand in (rel_path, yaml_path.parent / rel_path.name, *(yaml_path.parent / Path(*rel_path.parts[-n:])
+                                                               for n in (2, 3) if len(rel_path.parts) >= n)):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _yaml_load(path: Path) -> dict[str, Any] | None:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    # lm-eval's ``!function module.fn`` tags: keep them as strings (such tasks are skipped).
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    spec = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)
+    return spec if isinstance(spec, dict) else None
+
+
+def _task_from_yaml(path: Path) -> Task | None:
+    spec = _yaml_load(path)
+    if not spec or spec.get("output_type") not in ("multiple_choice", "generate_until") or "task" not in spec:
+        return None
+    data = _data_file(spec, path)
+    if data is None:
+        return None
+    docs = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    items = []
+    delim = spec.get("target_delimiter", " ")
+    for doc in docs:
+        context = str(_render(spec.get("doc_to_text", ""), doc))
+        target = _render(spec.get("doc_to_target", ""), doc)
+        if spec["output_type"] == "multiple_choice":
+            choices = _render(spec.get("doc_to_choice"), doc)
+            if not isinstance(choices, list) or len(choices) < 2:
+                continue
+            label = int(target) if not isinstance(target, str) or target.strip().isdigit() else choices.index(target)
+            items.append({"context": context, "choices": [delim + str(c) for c in choices], "label": label})
+        else:
+            items.append({"context": context, "answer": str(target)})
+    kind = "choice" if spec["output_type"] == "multiple_choice" else "generate"
+    gen = spec.get("generation_kwargs") or {}
+    return Task(str(spec["task"]), kind, items, int(gen.get("max_gen_toks", 8)), str(data))
+
+
+def load_tasks(eval_dir: Path) -> dict[str, Task]:
+    """Multiple-choice and generation tasks defined by the YAML files in ``eval_dir``."""
+    tasks = {}
+    for path in sorted(Path(eval_dir).glob("*.yaml")):
+        task = _task_from_yaml(path)
+        if task is not None and task.items:
+            tasks[task.name] = task
+    return tasks
+
+
+def select_tasks(tasks: dict[str, Task], names: list[str]) -> list[Task]:
+    """Tasks by name (``all``; full names or their last part, e.g. ``wn_gloss`` for
+    ``lynx_ref_wn_gloss``); ValueError naming the known tasks for an unknown one."""
+    if names == ["all"]:
+        return list(tasks.values())
+    out = []
+    for name in names:
+        hits = [t for n, t in tasks.items() if n == name or n.endswith("_" + name)]
+        if len(hits) != 1:
+            known = ", ".join(sorted(tasks)) or "none found"
+            raise ValueError(f"unknown task {name!r}; known tasks: {known}" if not hits else
+                             f"task {name!r} is ambiguous: {', '.join(t.name for t in hits)}")
+        out.append(hits[0])
+    return out
+
+
+def heldout_rows(texts: dict[str, list[str]], tokenizer, per_domain: int, length: int,
+                 min_length: int) -> tuple[list[list[int]], list[str]]:
+    """Token rows of at most ``length`` tokens (segments with at least ``min_length``),
+    ``per_domain`` per domain, interleaved across domains so that every batch mixes domains
+    like a server's would. Returns ``(rows, domain of each row)``."""
+    by_domain = {}
+    for d in sorted(texts):
+        rows = []
+        for text in texts[d]:
+            ids = tokenizer.encode(text, add_special_tokens=False)[:length]
+            if len(ids) >= min_length:
+                rows.append(ids)
+            if len(rows) == per_domain:
+                break
+        by_domain[d] = rows
+    out, domains = [], []
+    for i in range(per_domain):
+        for d, rows in by_domain.items():
+            if i < len(rows):
+                out.append(rows[i])
+                domains.append(d)
+    return out, domains

@@ -1,0 +1,283 @@
+"""``lynx eval``, decode-mode scoring, metrics and the lm-eval model, on a tiny random OLMoE.
+
+Metrics are checked on cases with known answers; a policy equal to native (``TopK``) must give
+KL 0, 100 % agreement and identical accuracy. The model has 16 experts top-4, hidden 64 and the
+reference model's tokenizer; data and tasks are a few generated lines. Nothing is downloaded.
+Run: ``OMP_WAIT_POLICY=PASSIVE pytest tests/test_eval.py -q`` (about a minute).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lynx_moe as lynx
+from lynx_moe import metrics
+from lynx_moe.cli import main
+
+pytest.importorskip("transformers")
+
+from lynx_moe.evaluate import expand_sweep  # noqa: E402
+from lynx_moe.quality import EvalConfig, evaluate  # noqa: E402
+from lynx_moe.scoring import greedy, prefill, teacher_forced  # noqa: E402
+from lynx_moe.tasks import load_tasks  # noqa: E402
+
+REF = Path(__file__).resolve().parent.parent / "models" / "lynx-ref-moe"
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
+         "amber rivers under pale winter light").split()
+
+
+# ---------------------------------------------------------------------------------------
+# Fixtures
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if not (REF / "tokenizer.json").is_file():
+        pytest.skip("the reference tokenizer (models/lynx-ref-moe/tokenizer.json) is not in this checkout")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(REF)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer) -> Path:
+    from lynx_moe.hf import tiny_model
+    path = tmp_path_factory.mktemp("tiny_olmoe")
+    model = tiny_model("olmoe", num_experts=16, num_experts_per_tok=4, vocab_size=len(tokenizer),
+                       bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REF / f, path / f)
+    _write_eval(path / "eval")
+    return path
+
+
+def _text(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 5 + j * 3) % len(WORDS)] for j in range(n))
+
+
+def _write_eval(d: Path) -> None:
+    """Held-out text in two domains, a 4-way multiple-choice task and a short-answer task."""
+    (d / "heldout").mkdir(parents=True)
+    for dom in ("prose", "verse"):
+        (d / "heldout" / f"{dom}.jsonl").write_text(
+            "".join(json.dumps({"domain": dom, "text": _text(i + len(dom), 40)}) + "\n" for i in range(6)))
+    mc = [{"query": _text(i, 6), "choices": [" " + _text(i + c, 3) for c in range(4)], "label": i % 4}
+          for i in range(8)]
+    gen = [{"context": _text(i, 8), "answer": WORDS[i % len(WORDS)]} for i in range(6)]
+    (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (d / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
+    head = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
+    (d / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n" + head.format(d / "mc.jsonl") + "output_type: multiple_choice\n"
+        'doc_to_text: "{{query}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\ntarget_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    (d / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\n" + head.format(d / "gen.jsonl") + "output_type: generate_until\n"
+        'doc_to_text: "{{context}}"\ndoc_to_target: "{{answer}}"\n'
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 4\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    from lynx_moe.profile import load_model
+    return load_model(tiny_dir)
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics on known answers
+
+def test_kl_zero_for_identical_and_known_value():
+    logp = torch.randn(5, 7, 11).log_softmax(-1)
+    assert torch.equal(metrics.kl_per_token(logp, logp.clone()), torch.zeros(5, 7))
+    p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.9, 0.1])
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert metrics.kl_per_token(p.log(), q.log()).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_greedy_agreement():
+    a = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert metrics.greedy_agreement(a, a.clone()) == (1.0, 4.0)
+    b = torch.tensor([[1, 2, 9, 4], [0, 6, 7, 8]])    # diverge at step 2 and step 0
+    share, first = metrics.greedy_agreement(a, b)
+    assert share == pytest.approx(6 / 8) and first == pytest.approx(1.0)
+
+
+def test_paired_bootstrap_identical_is_exactly_zero():
+    x = (torch.arange(50) % 3 == 0).float()
+    ci = metrics.paired_bootstrap(x, x.clone())
+    assert ci == metrics.Interval(0.0, 0.0, 0.0) and ci.contains(0.0)
+
+
+def test_paired_bootstrap_known_synthetic_case():
+    n = 1000
+    native = torch.zeros(n)
+    policy = (torch.arange(n) % 10 == 0).float()       # policy gains on exactly 10 % of the items
+    ci = metrics.paired_bootstrap(native, policy, seed=7)
+    assert ci.value == pytest.approx(0.1)
+    assert ci.lo < 0.1 < ci.hi and ci.lo > 0.07 and ci.hi < 0.13   # binomial sd ~0.0095
+    assert metrics.paired_bootstrap(native, policy, seed=7) == ci  # fixed seed: repeatable
+
+
+def test_perplexity_delta_known_ratio():
+    tokens = torch.tensor([10.0, 20.0, 30.0])
+    nll = torch.tensor([25.0, 40.0, 70.0])
+    ci = metrics.perplexity_delta(nll, nll + tokens * math.log(1.1), tokens)
+    assert ci.value == pytest.approx(0.1) and ci.lo == pytest.approx(0.1) and ci.hi == pytest.approx(0.1)
+    assert metrics.perplexity(nll, tokens) == pytest.approx(math.exp(135 / 60))
+
+
+def test_exact_match():
+    assert metrics.exact_match(" Fox, jumps", "fox")
+    assert not metrics.exact_match(" foxes", "fox") and not metrics.exact_match("", "")
+
+
+def test_expand_sweep():
+    grid = expand_sweep("affinity_binning:alpha=0.5..4,beta=1..4")
+    assert len(grid) == 16 and {p.alpha for p in grid} == {0.5, 1, 2, 4} and {p.beta for p in grid} == {1, 2, 3, 4}
+    assert [str(p) for p in expand_sweep("oea:k0=1|2")] == ["oea:k0=1", "oea:k0=2"]
+    for bad in ("affinity_binning:alpha=4..1", "affinity_binning:alpha=x..2", "nope:a=1"):
+        with pytest.raises(ValueError):
+            expand_sweep(bad)
+
+
+# ---------------------------------------------------------------------------------------
+# Decode-mode scoring
+
+def test_teacher_forced_matches_full_forward_and_routes_decode_rows(loaded):
+    model, _ = loaded
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(5, 8000, (n,), generator=g).tolist() for n in (20, 13, 27, 9)]
+    lens = [8, 4, 11, 3]                         # ragged: left-padded prefill, right-padded decode
+    pre = prefill(model, rows, lens, pad_id=1)
+    with lynx.applied(model, lynx.TopK(), stats=True):
+        sc = teacher_forced(model, pre, rows, lens)
+        stats = lynx.routing_stats(model)
+    scored = sum(len(r) - p - 1 for r, p in zip(rows, lens))
+    assert all(s.decode_rows == scored and s.steps == max(len(r) - p - 1 for r, p in zip(rows, lens))
+               for s in stats)
+    with torch.no_grad():
+        for i, (r, p) in enumerate(zip(rows, lens)):
+            full = model(input_ids=torch.tensor([r])).logits[0, p:-1].float().log_softmax(-1)
+            ref = full.gather(1, torch.tensor(r[p + 1:])[:, None])[:, 0]
+            torch.testing.assert_close(sc.row_logprobs(i), ref, atol=1e-4, rtol=0)
+    again = teacher_forced(model, pre, rows, lens)     # the cache was rolled back to the prompt
+    assert torch.equal(again.logprobs, sc.logprobs)
+    gen = greedy(model, prefill(model, rows, [len(r) - 1 for r in rows], 1), rows, 3)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([rows[0]]), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert gen[0].tolist() == ref[0, len(rows[0]):].tolist()
+
+
+def test_native_equal_policy_gives_zero_loss(loaded, tiny_dir):
+    model, tok = loaded
+    from lynx_moe.profile import load_texts
+    texts = load_texts([tiny_dir / "eval" / "heldout"])
+    tasks = list(load_tasks(tiny_dir / "eval").values())
+    assert sorted(t.name for t in tasks) == ["tiny_gen", "tiny_mc"]
+    cfg = EvalConfig(batch_size=4, prefix=4, ppl_tokens=8, ppl_per_domain=4, gen_prompts=4, gen_tokens=4,
+                     resamples=200)
+    res = evaluate(model, tok, [lynx.TopK(), lynx.AffinityBinning(alpha=1.0, beta=1)], texts, tasks, cfg)
+    native, same, ab = res
+    assert [r["policy"] for r in res] == ["native", "topk", "affinity_binning:alpha=1.0,beta=1"]
+    assert same["perplexity"]["kl"] == 0 and same["perplexity"]["top1_agreement"] == 1
+    assert same["perplexity"]["ppl"] == native["perplexity"]["ppl"]
+    assert same["perplexity"]["delta_pct"] == {"value": 0, "lo": 0, "hi": 0}
+    assert same["greedy"]["agreement"] == 1 and same["greedy"]["first_divergence"] == 4
+    for name, t in same["tasks"].items():
+        assert t["acc"] == t["acc_native"] and t["delta_points"] == {"value": 0, "lo": 0, "hi": 0}
+    assert native["tasks"]["tiny_mc"]["chance"] == 0.25
+    # decode rows were counted: B rows per step in the perplexity run (8 rows, 2 whole batches)
+    assert native["routing"]["steps"] == 2 * 8 and native["routing"]["rows_per_step"] == 4
+    assert ab["routing"]["distinct"] <= ab["routing"]["distinct_native"]
+    assert ab["perplexity"]["kl"] >= 0
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent/model"], "not a model folder"),
+    (["--policy", "no_such_policy"], "--policy"),
+    (["--policy", "affinity_binning:alpha=-1"], "--policy"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--sweep", "affinity_binning:alpha=4..1"], "--sweep"),
+])
+def test_eval_cli_errors(argv, message, capsys):
+    code, _, err = _cli(["eval", *argv], capsys)
+    assert code == 2 and message in err
+
+
+def test_eval_cli_unknown_task_and_top_k(tiny_dir, capsys):
+    code, _, err = _cli(["eval", "--model", str(tiny_dir), "--tasks", "no_such_task"], capsys)
+    assert code == 2 and "unknown task 'no_such_task'" in err and "tiny_mc" in err
+    code, _, err = _cli(["eval", "--model", str(tiny_dir), "--policy", "static_k:k=8"], capsys)
+    assert code == 2 and "static_k" in err
+
+
+def test_eval_cli_sweep_writes_json_and_plot(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code, stdout, err = _cli(["eval", "--model", str(tiny_dir), "--sweep", "oea:k0=1|2", "--tasks", "tiny_mc",
+                              "--batch-size", "4", "--ppl-rows", "2", "--ppl-tokens", "6", "--prefix", "4",
+                              "--gen-prompts", "4", "--gen-tokens", "3", "--out", str(out)], capsys)
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert [r["policy"] for r in summary["results"]] == ["native", "oea:k0=1", "oea:k0=2"]
+    assert "ppl change" in stdout and "task tiny_mc" in stdout
+    assert (out / "eval.json").is_file() and (out / "sweep.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------
+# lm-eval model
+
+def test_policy_arg_separators():
+    from lynx_moe.lm_eval_model import parse_policy_arg
+    ab = lynx.AffinityBinning(alpha=3.0, beta=4)
+    assert parse_policy_arg("affinity_binning:alpha=3;beta=4") == ab
+    assert parse_policy_arg("affinity_binning:alpha=3+beta=4") == ab
+    assert parse_policy_arg(None) == lynx.TopK() and parse_policy_arg(ab.to_dict()) == ab
+    with pytest.raises(ValueError):
+        parse_policy_arg("affinity_binning:alpha=3;gamma=1")
+
+
+def test_lm_eval_model_runs_offline(tiny_dir, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from lm_eval.tasks import TaskManager
+
+    from lynx_moe.lm_eval_model import LynxHFLM, register
+    assert register() is LynxHFLM and register() is LynxHFLM     # idempotent
+    out = lm_eval.simple_evaluate(
+        model="lynx-hf", model_args=f"pretrained={tiny_dir},policy=oea:k0=1,dtype=float32",
+        tasks=["tiny_mc", "tiny_gen"], task_manager=TaskManager(include_path=str(tiny_dir / "eval")),
+        device="cpu", batch_size=4, limit=4)
+    assert set(out["results"]) == {"tiny_mc", "tiny_gen"}
+    assert 0 <= out["results"]["tiny_mc"]["acc,none"] <= 1
+
+
+def test_lm_eval_cli_forwards_arguments(monkeypatch):
+    pytest.importorskip("lm_eval")
+    import sys
+
+    import lm_eval.__main__ as lm_main
+    seen = {}
+    monkeypatch.setattr(lm_main, "cli_evaluate", lambda: seen.setdefault("argv", list(sys.argv)))
+    assert main(["lm-eval", "--model", "lynx-hf", "--model_args", "pretrained=x,policy=oea:k0=1", "-h"]) == 0
+    assert seen["argv"][:6] == ["lm_eval", "--model", "lynx-hf", "--model_args", "pretrained=x,policy=oea:k0=1", "-h"]
