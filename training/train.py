@@ -214,7 +214,9 @@ def main():
                     "torch_rng": torch.get_rng_state(), "args": vars(args)}, tmp)
         os.replace(tmp, ckpt)
 
-    if step == 0:
+    if step > 0:
+        log({"event": "resume", "step": step, "args": vars(args)})
+    else:
         log({"event": "start", "params_total": n_params, "params_active": active, "args": vars(args),
              "domain_weights": train.weights})
     model.train()

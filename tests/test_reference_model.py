@@ -1,0 +1,92 @@
+"""The committed reference model (models/lynx-ref-moe) loads offline, matches its model card, and generates."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+
+def _model_path() -> Path:
+    import lynx_moe
+
+    try:
+        return Path(lynx_moe.reference_model_path())
+    except (AttributeError, FileNotFoundError):
+        pass
+    return Path(__file__).resolve().parent.parent / "models" / "lynx-ref-moe"
+
+
+PATH = _model_path()
+pytestmark = pytest.mark.skipif(not (PATH / "model.safetensors").exists(), reason="reference checkpoint missing")
+
+
+@pytest.fixture(scope="module")
+def model_and_tok():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(PATH)
+    model = AutoModelForCausalLM.from_pretrained(PATH, dtype=torch.float32)
+    model.eval()
+    return model, tok
+
+
+def test_config_is_olmoe_64x8(model_and_tok):
+    model, _ = model_and_tok
+    cfg = model.config
+    assert cfg.model_type == "olmoe"
+    assert (cfg.num_experts, cfg.num_experts_per_tok) == (64, 8)
+    assert sum(p.numel() for p in model.parameters()) < 24e6
+
+
+@torch.no_grad()
+def test_quick_test_split_perplexity_matches_card(model_and_tok):
+    model, tok = model_and_tok
+    metrics = json.loads((PATH / "metrics.json").read_text())
+    quick = metrics["test_perplexity_quick"]
+    n = quick["segments_per_domain"]
+    texts = []
+    for f in sorted((PATH / "eval" / "heldout").glob("*.jsonl")):
+        with open(f, encoding="utf-8") as fh:
+            texts += [json.loads(line)["text"] for line in fh][:n]
+    assert len(texts) >= 8 * n
+    seqs = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    nll, count = 0.0, 0
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for s in range(0, len(order), 16):
+        batch = [seqs[i] for i in order[s:s + 16]]
+        L = max(map(len, batch))
+        x = torch.full((len(batch), L), tok.pad_token_id, dtype=torch.long)
+        m = torch.zeros_like(x)
+        for r, q in enumerate(batch):
+            x[r, :len(q)] = torch.tensor(q)
+            m[r, :len(q)] = 1
+        lp = torch.log_softmax(model(input_ids=x, attention_mask=m).logits.float()[:, :-1], -1)
+        tok_lp = lp.gather(-1, x[:, 1:, None])[..., 0] * m[:, 1:]
+        nll -= float(tok_lp.sum())
+        count += int(m[:, 1:].sum())
+    ppl = math.exp(nll / count)
+    assert ppl == pytest.approx(quick["value"], rel=0.02), (ppl, quick["value"])
+    # and the card shows the same number
+    assert str(quick["value"]) in (PATH / "README.md").read_text()
+
+
+@torch.no_grad()
+def test_greedy_generation_is_nontrivial(model_and_tok):
+    model, tok = model_and_tok
+    for prompt in ["In the beginning", "The function"]:
+        x = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(x, max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id)
+        text = tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
+        words = re.findall(r"[A-Za-z]+", text)
+        assert len(words) >= 5, text
+        assert len(set(w.lower() for w in words)) >= 4, text

@@ -1,0 +1,237 @@
+"""Build the evaluation data for lynx-ref-moe from the TEST split only.
+
+Usage: python -m training.evaldata [--corpus runs/corpus] [--out models/lynx-ref-moe/eval]
+
+Writes (all small JSONL + lm-evaluation-harness 0.4.13 YAML task files):
+* heldout/<domain>.jsonl  - 200 segments of <= 256 tokens per domain (perplexity text);
+                            tasks lynx_ref_ppl_<domain> (loglikelihood_rolling), group lynx_ref_ppl
+* wn_gloss.jsonl          - multiple choice: "word (pos):" -> its WordNet gloss among 4 (chance 0.25)
+* last_word.jsonl         - multiple choice: held-out context -> the true last word of the sentence
+                            among 4 candidates of similar corpus frequency (chance 0.25)
+* next_word.jsonl         - generation: held-out context -> last word of the sentence (exact match)
+Run lm-eval from the repo root with ``--include_path models/lynx-ref-moe/eval``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = 1234
+EVAL_REL = "models/lynx-ref-moe/eval"  # data_files are relative to the repo root (where lm-eval runs)
+SEG_TOKENS = 256
+SEGS_PER_DOMAIN = 200
+TEXT_DOMAINS = ["bible", "fortunes", "jargon", "foldoc", "python_docs", "perl_docs", "manpages", "dictionary"]
+WORD = re.compile(r"[A-Za-z]+")
+
+
+def docs(corpus: Path, domain: str, split: str):
+    with open(corpus / domain / f"{split}.jsonl", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def write_jsonl(path: Path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def yaml_header(task: str, data: str, output_type: str) -> str:
+    return (f"task: {task}\n"
+            f"dataset_path: json\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {EVAL_REL}/{data}\n"
+            f"test_split: test\n"
+            f"output_type: {output_type}\n")
+
+
+# ------------------------------------------------------------------ perplexity segments
+
+def build_heldout(corpus: Path, out: Path, tok, rng: random.Random):
+    domains = sorted(p.name for p in corpus.iterdir() if (p / "test.jsonl").exists())
+    for d in domains:
+        ds = list(docs(corpus, d, "test"))
+        rng.shuffle(ds)
+        # at most ceil(2*200/n_docs) consecutive segments per document, so small domains still give 200
+        per_doc = max(1, math.ceil(2 * SEGS_PER_DOMAIN / len(ds)))
+        segs = []
+        for doc in ds:
+            ids = tok(doc["text"], add_special_tokens=False)["input_ids"]
+            for k in range(per_doc):
+                chunk = ids[k * SEG_TOKENS:(k + 1) * SEG_TOKENS]
+                if len(chunk) < 16:
+                    break
+                text = tok.decode(chunk)
+                segs.append({"domain": d, "id": f"{doc['id']}#{k}", "text": text})
+            if len(segs) >= SEGS_PER_DOMAIN:
+                break
+        write_jsonl(out / "heldout" / f"{d}.jsonl", segs[:SEGS_PER_DOMAIN])
+        (out / f"lynx_ref_ppl_{d}.yaml").write_text(
+            yaml_header(f"lynx_ref_ppl_{d}", f"heldout/{d}.jsonl", "loglikelihood_rolling")
+            + 'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
+            + "".join(f"  - metric: {m}\n    aggregation: {m}\n    higher_is_better: false\n"
+                      for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"))
+            + "metadata:\n  version: 1.0\n")
+        print(f"heldout {d}: {min(len(segs), SEGS_PER_DOMAIN)} segments")
+    (out / "lynx_ref_ppl.yaml").write_text(
+        "group: lynx_ref_ppl\ntask:\n" + "".join(f"  - lynx_ref_ppl_{d}\n" for d in domains)
+        + "metadata:\n  version: 1.0\n")
+
+
+# ------------------------------------------------------------------ WordNet gloss choice
+
+def build_wn_gloss(corpus: Path, out: Path, rng: random.Random, n: int = 1500):
+    by_pos = collections.defaultdict(list)
+    for doc in docs(corpus, "wordnet", "test"):
+        m = re.match(r"^(.*?) \((noun|verb|adjective|adverb)\): (.*)$", doc["text"], re.S)
+        if not m:
+            continue
+        gloss = m.group(3).split(";")[0].strip()  # definition only, no example sentences
+        if len(gloss) < 10 or len(doc["title"]) < 3:
+            continue
+        by_pos[m.group(2)].append((doc["title"], m.group(2), gloss))
+    pool = [x for v in by_pos.values() for x in v]
+    rng.shuffle(pool)
+    rows = []
+    for word, pos, gloss in pool[:n]:
+        others = [g for w, p, g in rng.sample(by_pos[pos], 8) if g != gloss and w != word][:3]
+        if len(others) < 3:
+            continue
+        choices = others + [gloss]
+        rng.shuffle(choices)
+        rows.append({"query": f"{word} ({pos}):", "choices": [" " + c for c in choices],
+                     "label": choices.index(gloss), "word": word})
+    write_jsonl(out / "wn_gloss.jsonl", rows)
+    (out / "lynx_ref_wn_gloss.yaml").write_text(
+        yaml_header("lynx_ref_wn_gloss", "wn_gloss.jsonl", "multiple_choice")
+        + 'doc_to_text: "{{query}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        + "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+    print(f"wn_gloss: {len(rows)} items")
+
+
+# ------------------------------------------------------------------ last word of held-out sentences
+
+def word_freqs(corpus: Path):
+    cnt = collections.Counter()
+    for d in TEXT_DOMAINS:
+        for i, doc in enumerate(docs(corpus, d, "train")):
+            cnt.update(WORD.findall(doc["text"].lower()))
+    return cnt
+
+
+def sentence_items(corpus: Path, rng: random.Random, per_domain: int):
+    """(domain, context, last_word) from test docs: the sentence's last word, preceding text as context."""
+    items = []
+    for d in TEXT_DOMAINS:
+        cands = []
+        for doc in docs(corpus, d, "test"):
+            text = doc["text"]
+            for m in re.finditer(r"(?<=[a-z,;]) ([A-Za-z]{3,})(?=[.!?](\s|$))", text):
+                start = m.start()
+                # the sentence must have >= 6 words before the target on the same line
+                line_start = text.rfind("\n", 0, start) + 1
+                sent_start = max(text.rfind(". ", line_start, start), line_start)
+                if len(text[sent_start:start].split()) < 6:
+                    continue
+                ctx = text[max(0, start - 320):start]
+                if start > 320:
+                    ctx = ctx[ctx.find(" ") + 1:]
+                cands.append((d, ctx.lstrip(), m.group(1), doc["id"]))
+        rng.shuffle(cands)
+        per_doc = collections.Counter()
+        cap = max(3, math.ceil(3 * per_domain / max(1, len({c[3] for c in cands}))))
+        picked = []
+        for c in cands:
+            if per_doc[c[3]] < cap:
+                per_doc[c[3]] += 1
+                picked.append(c)
+            if len(picked) >= per_domain:
+                break
+        items.extend(picked)
+        print(f"  {d}: {len(picked)} sentence items from {len(cands)} candidates")
+    return items
+
+
+def build_last_word(corpus: Path, out: Path, rng: random.Random, freqs, per_domain: int = 140):
+    bands = collections.defaultdict(list)
+    band_of = {}
+    for w, c in freqs.items():
+        if c >= 3 and len(w) >= 3:
+            b = int(math.log2(c) * 2)
+            bands[b].append(w)
+            band_of[w] = b
+    for b in bands:
+        bands[b].sort()
+    rows = []
+    for d, ctx, word, doc_id in sentence_items(corpus, rng, per_domain):
+        lw = word.lower()
+        b = band_of.get(lw, min(bands))
+        pool, lo, hi = list(bands.get(b, [])), b, b
+        while len(pool) < 30:  # widen the frequency band until there are enough candidates
+            lo, hi = lo - 1, hi + 1
+            pool += bands.get(lo, []) + bands.get(hi, [])
+        dist = []
+        while len(dist) < 3:
+            w = rng.choice(pool)
+            if w != lw and w not in dist:
+                dist.append(w)
+        if word[0].isupper():
+            dist = [w.capitalize() for w in dist]
+        choices = dist + [word]
+        rng.shuffle(choices)
+        rows.append({"domain": d, "context": ctx, "choices": [" " + c for c in choices],
+                     "label": choices.index(word), "doc": doc_id})
+    write_jsonl(out / "last_word.jsonl", rows)
+    (out / "lynx_ref_last_word.yaml").write_text(
+        yaml_header("lynx_ref_last_word", "last_word.jsonl", "multiple_choice")
+        + 'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        + "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        + "metadata:\n  version: 1.0\n")
+    print(f"last_word: {len(rows)} items")
+
+
+def build_next_word(corpus: Path, out: Path, rng: random.Random, per_domain: int = 140):
+    rows = [{"domain": d, "context": ctx, "answer": word, "doc": doc_id}
+            for d, ctx, word, doc_id in sentence_items(corpus, rng, per_domain)]
+    write_jsonl(out / "next_word.jsonl", rows)
+    (out / "lynx_ref_next_word.yaml").write_text(
+        yaml_header("lynx_ref_next_word", "next_word.jsonl", "generate_until")
+        + 'doc_to_text: "{{context}}"\ndoc_to_target: "{{answer}}"\ntarget_delimiter: ""\n'
+        + "generation_kwargs:\n  until: [\"\\n\", \".\", \",\", \";\"]\n  max_gen_toks: 8\n  do_sample: false\n"
+        + "filter_list:\n  - name: first_word\n    filter:\n      - function: regex\n"
+        + "        regex_pattern: \"([A-Za-z']+)\"\n        group_select: 0\n        fallback: \"\"\n"
+        + "      - function: take_first\n"
+        + "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        + "    ignore_case: true\n    ignore_punctuation: true\nmetadata:\n  version: 1.0\n")
+    print(f"next_word: {len(rows)} items")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--corpus", default=str(REPO / "runs/corpus"))
+    ap.add_argument("--out", default=str(REPO / EVAL_REL))
+    ap.add_argument("--tokenizer", default=str(REPO / "models/lynx-ref-moe"))
+    ap.add_argument("--skip-heldout", action="store_true", help="only rebuild the sentence tasks")
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    corpus, out = Path(args.corpus), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    if not args.skip_heldout:
+        build_heldout(corpus, out, tok, random.Random(SEED))
+        build_wn_gloss(corpus, out, random.Random(SEED + 1))
+    freqs = word_freqs(corpus)
+    build_last_word(corpus, out, random.Random(SEED + 2), freqs)
+    build_next_word(corpus, out, random.Random(SEED + 3))
+
+
+if __name__ == "__main__":
+    main()
