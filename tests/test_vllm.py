@@ -299,3 +299,34 @@ def test_settings_from_environment_and_file(tmp_path):
 def test_bad_settings_name_the_problem(env, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         load_settings(env)
+
+
+def test_register_is_a_no_op_without_settings_and_idempotent(monkeypatch):
+    from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
+
+    from lynx_moe import vllm_plugin
+    monkeypatch.setattr(vllm_plugin, "_STATE", None)   # restored afterwards
+    monkeypatch.delenv("LYNX_POLICY", raising=False)
+    monkeypatch.delenv("LYNX_POLICY_FILE", raising=False)
+    original = FusedMoERouter.select_experts
+    vllm_plugin.register()
+    assert FusedMoERouter.select_experts is original or getattr(original, "__lynx_wrapped__", False)
+    monkeypatch.setenv("LYNX_POLICY", "topk")
+    vllm_plugin.register()
+    wrapped = FusedMoERouter.select_experts
+    assert wrapped.__lynx_wrapped__
+    vllm_plugin.register()
+    monkeypatch.setenv("LYNX_POLICY", "preset")
+    vllm_plugin.register()   # new settings, same wrapper
+    assert FusedMoERouter.select_experts is wrapped
+
+
+def test_unsupported_vllm_version_is_a_clear_error(monkeypatch):
+    import vllm
+
+    from lynx_moe import vllm_plugin
+    monkeypatch.setattr(vllm_plugin, "_STATE", None)
+    monkeypatch.setattr(vllm, "__version__", "0.99.1")
+    monkeypatch.setenv("LYNX_POLICY", "topk")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x .* found vLLM 0\.99\.1"):
+        vllm_plugin.register()
