@@ -1,6 +1,6 @@
 """``lynx serve``: vLLM's OpenAI-compatible server with lynx-moe's routing plugin enabled.
 
-    lynx serve                                   # the reference model, the authors' preset
+    lynx serve                                   # the reference model (as "lynx-ref-moe"), the authors' preset
     lynx serve MODEL --policy affinity_binning:alpha=3,beta=4 --port 8000 --enforce-eager
     lynx serve MODEL --policy-file lynx.json --stats-every 100 --max-model-len 2048
 
@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
             model = str(reference_model_path())
         except FileNotFoundError as e:
             raise UsageError(f"no MODEL given and {e}") from None
+        if not any(a.split("=")[0] == "--served-model-name" for a in rest):
+            rest += ["--served-model-name", "lynx-ref-moe"]   # clients need not know the path
     try:
         import vllm  # noqa: F401  (fail here with the extra's name, not in the child)
     except ImportError:

@@ -330,3 +330,19 @@ def test_unsupported_vllm_version_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LYNX_POLICY", "topk")
     with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x .* found vLLM 0\.99\.1"):
         vllm_plugin.register()
+
+
+def test_lynx_serve_splits_its_own_options_from_vllm_arguments():
+    from lynx_moe.cli import build_parser
+    args = build_parser().parse_args(["serve", "M", "--port", "8001", "--policy", "topk", "--enforce-eager",
+                                      "--stats-every", "5"])
+    assert (args.policy, args.stats_every, args.vllm_args) == ("topk", 5, ["M", "--port", "8001", "--enforce-eager"])
+    args = build_parser().parse_args(["serve", "--max-model-len", "256"])
+    assert (args.policy, args.vllm_args) == (None, ["--max-model-len", "256"])
+
+
+def test_lynx_serve_rejects_a_bad_policy_file(tmp_path):
+    from lynx_moe.cli import main
+    bad = tmp_path / "lynx.json"
+    bad.write_text('{"models": {"m": "affinity_binning:beta=0"}}')
+    assert main(["serve", "M", "--policy-file", str(bad)]) == 2
