@@ -75,8 +75,7 @@ def build_heldout(corpus: Path, out: Path, tok, rng: random.Random):
         (out / f"lynx_ref_ppl_{d}.yaml").write_text(
             yaml_header(f"lynx_ref_ppl_{d}", f"heldout/{d}.jsonl", "loglikelihood_rolling")
             + 'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n'
-            + "".join(f"  - metric: {m}\n    aggregation: {m}\n    higher_is_better: false\n"
-                      for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"))
+            + "".join(f"  - metric: {m}\n" for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"))
             + "metadata:\n  version: 1.0\n")
         print(f"heldout {d}: {min(len(segs), SEGS_PER_DOMAIN)} segments")
     (out / "lynx_ref_ppl.yaml").write_text(
