@@ -301,9 +301,11 @@ def render(m, cfg, repo: Path) -> str:
                 v["sequences"]] for B, v in de.items()]
     t = m["tasks"]
     wn, lw, nw = t["lynx_ref_wn_gloss"], t["lynx_ref_last_word"], t["lynx_ref_next_word"]
+    ns = t["lynx_ref_next_sentence"]
     task_rows = [
         ["lynx_ref_wn_gloss (MC, 4 choices)", wn["n"], f"acc {wn['acc']:.3f}, acc_norm {wn['acc_norm']:.3f}", "0.25"],
         ["lynx_ref_last_word (MC, 4 choices)", lw["n"], f"acc {lw['acc']:.3f}, acc_norm {lw['acc_norm']:.3f}", "0.25"],
+        ["lynx_ref_next_sentence (MC, 4 choices)", ns["n"], f"acc {ns['acc']:.3f}, acc_norm {ns['acc_norm']:.3f}", "0.25"],
         ["lynx_ref_next_word (generation, exact match)", nw["n"], f"exact_match {nw['exact_match']:.3f}",
          f"~0 (always answering the most frequent answer '{nw['most_frequent_answer']}': "
          f"{nw['chance_most_frequent_answer']:.3f})"],
@@ -447,6 +449,8 @@ acc_norm divides by the choice's character length; generation is greedy, ≤8 to
   test synsets with the same part of speech.
 - `last_word`: ≤320 characters of a held-out document ending just before the last word of a sentence → that
   word vs. 3 words of similar corpus frequency (same capitalisation). Accuracy by domain: {lw.get('acc_by_domain')}.
+- `next_sentence`: ≤240 characters of a held-out document ending at a sentence end → the true next sentence
+  vs. 3 sentences from other test documents of the same domain. Accuracy by domain: {ns.get('acc_by_domain')}.
 - `next_word`: same kind of context (different sample) → generate the word. Exact match by domain:
   {nw.get('exact_match_by_domain')}.
 - `lynx_ref_ppl` (group of `lynx_ref_ppl_<domain>`, loglikelihood_rolling): word/byte perplexity and bits per
@@ -458,7 +462,7 @@ Run with lm-eval (from the repo root):
 ```bash
 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \
   --model_args pretrained=models/lynx-ref-moe,dtype=float32,add_bos_token=True \
-  --tasks lynx_ref_wn_gloss,lynx_ref_last_word,lynx_ref_next_word,lynx_ref_ppl \
+  --tasks lynx_ref_wn_gloss,lynx_ref_last_word,lynx_ref_next_sentence,lynx_ref_next_word,lynx_ref_ppl \
   --include_path models/lynx-ref-moe/eval --device cpu --batch_size 16
 ```
 
@@ -564,6 +568,7 @@ def main():
     metrics["tasks"] = {
         "lynx_ref_wn_gloss": mc_accuracy(model, tok, lim(read_jsonl(ev / "wn_gloss.jsonl")), "query"),
         "lynx_ref_last_word": mc_accuracy(model, tok, lim(read_jsonl(ev / "last_word.jsonl")), "context"),
+        "lynx_ref_next_sentence": mc_accuracy(model, tok, lim(read_jsonl(ev / "next_sentence.jsonl")), "context"),
         "lynx_ref_next_word": gen_accuracy(model, tok, lim(read_jsonl(ev / "next_word.jsonl"))),
     }
     print("tasks", json.dumps(metrics["tasks"])[:1500], round(time.time() - t0), flush=True)

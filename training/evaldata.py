@@ -8,6 +8,8 @@ Writes (all small JSONL + lm-evaluation-harness 0.4.13 YAML task files):
 * wn_gloss.jsonl          - multiple choice: "word (pos):" -> its WordNet gloss among 4 (chance 0.25)
 * last_word.jsonl         - multiple choice: held-out context -> the true last word of the sentence
                             among 4 candidates of similar corpus frequency (chance 0.25)
+* next_sentence.jsonl     - multiple choice: held-out context -> the true next sentence among 4 (the
+                            others from other test documents of the same domain; chance 0.25)
 * next_word.jsonl         - generation: held-out context -> last word of the sentence (exact match)
 Run lm-eval from the repo root with ``--include_path models/lynx-ref-moe/eval``.
 """
@@ -212,6 +214,49 @@ def build_next_word(corpus: Path, out: Path, rng: random.Random, per_domain: int
     print(f"next_word: {len(rows)} items")
 
 
+def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain: int = 175):
+    """Context ending at a sentence end -> the true next sentence vs 3 sentences from other test docs."""
+    rows = []
+    for d in TEXT_DOMAINS:
+        sents = []  # (doc_id, start, end) of sentences with >= 5 words and <= 150 chars on one line
+        texts = {}
+        for doc in docs(corpus, d, "test"):
+            text = doc["text"]
+            texts[doc["id"]] = text
+            for m in re.finditer(r"(?<=[.!?] )([A-Z][^\n]{20,150}?[.!?])(?= |\n|$)", text):
+                if len(m.group(1).split()) >= 5 and m.start() >= 80:
+                    sents.append((doc["id"], m.start(), m.group(1)))
+        rng.shuffle(sents)
+        by_doc = collections.Counter()
+        picked = []
+        for doc_id, start, sent in sents:
+            if by_doc[doc_id] >= max(3, math.ceil(3 * per_domain / max(1, len(texts)))):
+                continue
+            others = [x[2] for x in rng.sample(sents, 12) if x[0] != doc_id][:3]
+            if len(others) < 3:
+                continue
+            text = texts[doc_id]
+            ctx = text[max(0, start - 240):start]
+            if start > 240:
+                ctx = ctx[ctx.find(" ") + 1:]
+            choices = others + [sent]
+            rng.shuffle(choices)
+            picked.append({"domain": d, "context": ctx.rstrip(), "choices": [" " + c for c in choices],
+                           "label": choices.index(sent), "doc": doc_id})
+            by_doc[doc_id] += 1
+            if len(picked) >= per_domain:
+                break
+        rows += picked
+        print(f"  {d}: {len(picked)} next-sentence items from {len(sents)} sentences")
+    write_jsonl(out / "next_sentence.jsonl", rows)
+    (out / "lynx_ref_next_sentence.yaml").write_text(
+        yaml_header("lynx_ref_next_sentence", "next_sentence.jsonl", "multiple_choice")
+        + 'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        + "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+    print(f"next_sentence: {len(rows)} items")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default=str(REPO / "runs/corpus"))
@@ -230,6 +275,7 @@ def main():
     freqs = word_freqs(corpus)
     build_last_word(corpus, out, random.Random(SEED + 2), freqs)
     build_next_word(corpus, out, random.Random(SEED + 3))
+    build_next_sentence(corpus, out, random.Random(SEED + 4))
 
 
 if __name__ == "__main__":
