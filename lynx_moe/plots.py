@@ -30,7 +30,7 @@ def distinct_per_layer(results: list[dict], path: Path, title: str = "") -> Path
     plt = _pyplot()
     n_layers = max(len(r["routing"]["distinct_per_layer"]) for r in results)
     width = 0.8 / len(results)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * n_layers + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * n_layers + 2) + 3, 4.2))
     for i, r in enumerate(results):
         vals = r["routing"]["distinct_per_layer"]
         xs = [layer + (i - (len(results) - 1) / 2) * width for layer in range(len(vals))]
@@ -39,7 +39,7 @@ def distinct_per_layer(results: list[dict], path: Path, title: str = "") -> Path
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("distinct experts per decode step")
     ax.set_title(title or "Distinct experts per layer and decode step (legend: mean)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -68,17 +68,18 @@ def quality_vs_saved(results: list[dict], path: Path, title: str = "") -> Path:
             if panel == "ppl":
                 _point(ax, x, r["perplexity"]["delta_pct"], r["policy"], color="C0")
             else:
-                for j, t in enumerate(tasks):
-                    _point(ax, x + 0.3 * j, r["tasks"][t]["delta_points"], r["policy"] if j == 0 else "",
-                           color=f"C{j + 1}", marker="osD^v"[j % 5])
+                cis = [r["tasks"][t]["delta_points"] for t in tasks]
+                for j, ci in enumerate(cis):   # tasks side by side, one label per policy above them
+                    _point(ax, x + 0.3 * j, ci, "", color=f"C{j + 1}", marker="osD^v"[j % 5])
+                ax.annotate(r["policy"], (x, max(ci["hi"] for ci in cis)), fontsize=6, rotation=45,
+                            xytext=(0, 4), textcoords="offset points")
         ax.set_xlabel("distinct experts saved per decode step (%)")
         if panel == "ppl":
             ax.set_ylabel("perplexity change (%)  [worse ->]")
             ax.set_title("Perplexity vs experts saved", fontsize=10)
         else:
             ax.set_ylabel("accuracy change (points)")
-            ax.set_title("Accuracy vs experts saved: " + ", ".join(
-                f"C{j + 1}={t}" for j, t in enumerate(tasks)), fontsize=8)
+            ax.set_title("Accuracy vs experts saved, per task", fontsize=10)
             for j, t in enumerate(tasks):
                 ax.plot([], [], "osD^v"[j % 5], color=f"C{j + 1}", label=t)
             ax.legend(fontsize=7)

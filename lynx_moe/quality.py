@@ -164,9 +164,17 @@ def _choice_task(model, policies, task, tokenizer, cfg, pad_id, bar) -> tuple[di
 def _generate_task(model, policies, task, tokenizer, cfg, pad_id, bar) -> tuple[dict, dict]:
     prompts = [_context_ids(tokenizer, it["context"], pad_id) for it in task.items]
     gens, stats = _greedy_runs(model, policies, prompts, task.max_new_tokens, pad_id, cfg, bar)
-    correct = {n: torch.tensor([float(metrics.exact_match(tokenizer.decode(g.tolist()), it["answer"]))
+    correct = {n: torch.tensor([float(metrics.exact_match(_until(tokenizer.decode(g.tolist()), task.until),
+                                                          it["answer"]))
                                 for g, it in zip(gen, task.items)]) for n, gen in gens.items()}
     return correct, stats
+
+
+def _until(text: str, stops: tuple[str, ...]) -> str:
+    """The generation up to its first stop string, as lm-eval cuts it before scoring."""
+    for stop in stops:
+        text = text.split(stop, 1)[0]
+    return text
 
 
 def _context_ids(tokenizer, text: str, pad_id: int, max_len: int = 256) -> list[int]:
@@ -255,7 +263,7 @@ def _heldout(texts, tokenizer, cfg):
 def _limited(task, limit: int):
     from .tasks import Task
     return task if len(task.items) <= limit else Task(task.name, task.kind, task.items[:limit],
-                                                      task.max_new_tokens, task.source)
+                                                      task.max_new_tokens, task.source, task.until)
 
 
 def _add_perplexity(results, acc, stats, domains, cfg) -> None:

@@ -40,6 +40,7 @@ class Task:
     items: list[dict[str, Any]]
     max_new_tokens: int = 8
     source: str = ""
+    until: tuple[str, ...] = ()        # generation stops at the first of these (lm-eval's ``until``)
     chance: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,7 +115,9 @@ def _task_from_yaml(path: Path) -> Task | None:
             items.append({"context": context, "answer": str(target)})
     kind = "choice" if spec["output_type"] == "multiple_choice" else "generate"
     gen = spec.get("generation_kwargs") or {}
-    return Task(str(spec["task"]), kind, items, int(gen.get("max_gen_toks", 8)), str(data))
+    until = gen.get("until") or ()
+    until = (until,) if isinstance(until, str) else tuple(str(u) for u in until)
+    return Task(str(spec["task"]), kind, items, int(gen.get("max_gen_toks", 8)), str(data), until)
 
 
 def load_tasks(eval_dir: Path) -> dict[str, Task]:

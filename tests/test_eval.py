@@ -281,3 +281,28 @@ def test_lm_eval_cli_forwards_arguments(monkeypatch):
     monkeypatch.setattr(lm_main, "cli_evaluate", lambda: seen.setdefault("argv", list(sys.argv)))
     assert main(["lm-eval", "--model", "lynx-hf", "--model_args", "pretrained=x,policy=oea:k0=1", "-h"]) == 0
     assert seen["argv"][:6] == ["lm_eval", "--model", "lynx-hf", "--model_args", "pretrained=x,policy=oea:k0=1", "-h"]
+
+
+# ---------------------------------------------------------------------------------------
+# lynx demo
+
+def test_demo_without_reference_model_says_how_to_get_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LYNX_REFERENCE_MODEL", str(tmp_path / "nowhere"))
+    code, _, err = _cli(["demo", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "reference model not found" in err and "training" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_demo_quick_on_tiny_model(tiny_dir, tmp_path, capsys, monkeypatch):
+    import lynx_moe.demo as demo
+    monkeypatch.setitem(demo.SIZES, "quick", dict(ppl_per_domain=4, ppl_tokens=6, limit=8, gen_prompts=4,
+                                                  gen_tokens=3, bench_repeats=1))
+    out = tmp_path / "report"
+    code, stdout, err = _cli(["demo", "--quick", "--model", str(tiny_dir), "--batch-size", "4", "--out", str(out)],
+                             capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["policy"] for r in summary["table"]][0] == "native" and len(summary["table"]) >= 3
+    assert all(r["speedup"] is not None for r in summary["table"])
+    assert (out / "distinct_per_layer.png").is_file() and (out / "quality_vs_saved.png").is_file()
+    assert f"report: {out}" in stdout
