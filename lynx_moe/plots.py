@@ -53,11 +53,20 @@ def _point(ax, x: float, ci: dict, label: str, color=None, marker="o"):
     return h
 
 
+def _labels(results: list[dict]) -> dict[str, str]:
+    """Point labels: the policy spec, without the policy name when every point shares it."""
+    names = {r["policy"].partition(":")[0] for r in results}
+    if len(names) == 1:
+        return {r["policy"]: r["policy"].partition(":")[2] or r["policy"] for r in results}
+    return {r["policy"]: r["policy"] for r in results}
+
+
 def quality_vs_saved(results: list[dict], path: Path, title: str = "") -> Path:
     """Perplexity change (and accuracy change per task, when there are tasks) against the
     share of distinct experts saved; one point per policy setting, bars are 95 % intervals."""
     plt = _pyplot()
     pols = [r for r in results if r["policy"] != "native"]
+    label = _labels(pols)
     tasks = sorted(results[0].get("tasks", {}))
     panels = (["ppl"] if "perplexity" in results[0] else []) + (["acc"] if tasks else [])
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.2 * max(1, len(panels)), 4.5), squeeze=False)
@@ -66,12 +75,12 @@ def quality_vs_saved(results: list[dict], path: Path, title: str = "") -> Path:
         for r in pols:
             x = 100 * r["routing"]["saved"]
             if panel == "ppl":
-                _point(ax, x, r["perplexity"]["delta_pct"], r["policy"], color="C0")
+                _point(ax, x, r["perplexity"]["delta_pct"], label[r["policy"]], color="C0")
             else:
                 cis = [r["tasks"][t]["delta_points"] for t in tasks]
                 for j, ci in enumerate(cis):   # tasks side by side, one label per policy above them
                     _point(ax, x + 0.3 * j, ci, "", color=f"C{j + 1}", marker="osD^v"[j % 5])
-                ax.annotate(r["policy"], (x, max(ci["hi"] for ci in cis)), fontsize=6, rotation=45,
+                ax.annotate(label[r["policy"]], (x, max(ci["hi"] for ci in cis)), fontsize=6, rotation=45,
                             xytext=(0, 4), textcoords="offset points")
         ax.set_xlabel("distinct experts saved per decode step (%)")
         if panel == "ppl":

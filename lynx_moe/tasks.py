@@ -148,19 +148,20 @@ def select_tasks(tasks: dict[str, Task], names: list[str]) -> list[Task]:
 
 def heldout_rows(texts: dict[str, list[str]], tokenizer, per_domain: int, length: int,
                  min_length: int) -> tuple[list[list[int]], list[str]]:
-    """Token rows of at most ``length`` tokens (segments with at least ``min_length``),
-    ``per_domain`` per domain, interleaved across domains so that every batch mixes domains
-    like a server's would. Returns ``(rows, domain of each row)``."""
+    """Token rows of ``length`` tokens, ``per_domain`` per domain, cut one after another from the
+    domain's segments joined by blank lines (so short segments still give full rows and every
+    decode step has all of a batch's rows); a domain that runs out ends with one shorter row of
+    at least ``min_length`` tokens. Rows are interleaved across domains so that every batch mixes
+    domains like a server's would. Returns ``(rows, domain of each row)``."""
     by_domain = {}
     for d in sorted(texts):
-        rows = []
+        stream: list[int] = []
         for text in texts[d]:
-            ids = tokenizer.encode(text, add_special_tokens=False)[:length]
-            if len(ids) >= min_length:
-                rows.append(ids)
-            if len(rows) == per_domain:
+            stream += tokenizer.encode(text.strip() + "\n\n", add_special_tokens=False)
+            if len(stream) >= per_domain * length:
                 break
-        by_domain[d] = rows
+        rows = [stream[i:i + length] for i in range(0, min(len(stream), per_domain * length), length)]
+        by_domain[d] = [r for r in rows if len(r) >= min_length]
     out, domains = [], []
     for i in range(per_domain):
         for d, rows in by_domain.items():
