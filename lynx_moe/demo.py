@@ -30,6 +30,7 @@ import io
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 __all__ = ["add_arguments", "run", "demo_policies"]
@@ -134,6 +135,15 @@ def _table(rows: list[dict], tasks: dict) -> str:
     return "\n".join(lines)
 
 
+def _require_plots() -> None:
+    from .cli import UsageError
+    from .plots import require
+    try:
+        require()
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+
+
 def _conditions() -> dict:
     import platform
 
@@ -155,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    _require_plots()
     path = _model_path(args.model)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = args.out or Path("reports") / f"demo-{stamp}"
@@ -183,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     task_info = results[0].get("tasks", {})
     summary = {"model": str(path), "experts": cfg_e, "top_k": cfg_k, "preset": preset_name,
                "quick": args.quick, "seconds": round(time.perf_counter() - t0, 1), "eval_seconds": round(t_eval, 1),
-               "conditions": conditions, "config": vars(cfg) if hasattr(cfg, "__dict__") else {},
+               "conditions": conditions, "config": asdict(cfg),
                "table": rows, "tasks": {t: {k: v[k] for k in ("kind", "n", "chance", "acc_native")}
                                         for t, v in task_info.items()},
                "plots": [str(p) for p in plots], "eval": results, "bench": bench}

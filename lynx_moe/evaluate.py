@@ -24,8 +24,8 @@ Reported per policy, with the distinct experts per MoE layer and decode step bes
 
 Prints a table and ends with one JSON line. ``--sweep`` grid syntax: ``lo..hi`` is every
 integer between integer ends, else doublings from ``lo`` up to ``hi``; ``a|b|c`` lists values.
+The measuring is in ``lynx_moe.quality`` (per policy) and ``lynx_moe.scoring`` (decode loops).
 """
-
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ __all__ = ["EvalConfig", "evaluate", "expand_sweep", "load_inputs", "check_polic
            "add_arguments", "run"]
 
 DEFAULT_SWEEP = "affinity_binning:alpha=1|3,beta=1|2|4"
+
 
 # ---------------------------------------------------------------------------------------
 # Sweep grids
@@ -211,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--sweep: {e}") from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if sweep and args.out is not None:
+        from .demo import _require_plots
+        _require_plots()
     model, tokenizer, path, texts, tasks = load_inputs(args.model, args.data, args.eval_dir, args.tasks)
     from .hf import find_routers
     routers = find_routers(model)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["distinct_per_layer", "quality_vs_saved"]
+__all__ = ["require", "distinct_per_layer", "quality_vs_saved"]
 
 
 def _pyplot():
@@ -23,6 +23,11 @@ def _pyplot():
     except ImportError:
         raise ImportError("plots need matplotlib: pip install 'lynx-moe[plot]'") from None
     return plt
+
+
+def require() -> None:
+    """Raise ImportError naming the extra now, rather than after a long run, if matplotlib is missing."""
+    _pyplot()
 
 
 def distinct_per_layer(results: list[dict], path: Path, title: str = "") -> Path:
