@@ -135,15 +135,6 @@ def _table(rows: list[dict], tasks: dict) -> str:
     return "\n".join(lines)
 
 
-def _require_plots() -> None:
-    from .cli import UsageError
-    from .plots import require
-    try:
-        require()
-    except ImportError as e:
-        raise UsageError(str(e)) from None
-
-
 def _conditions() -> dict:
     import platform
 
@@ -157,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .cli import UsageError
-    from .evaluate import check_policies, load_inputs
+    from .evaluate import check_policies, load_inputs, require_plots
     from .plots import distinct_per_layer, quality_vs_saved
     from .quality import EvalConfig, evaluate
     t0 = time.perf_counter()
@@ -165,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    _require_plots()
+    require_plots()
     path = _model_path(args.model)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = args.out or Path("reports") / f"demo-{stamp}"

@@ -39,8 +39,8 @@ import torch
 
 from .quality import EvalConfig, evaluate
 
-__all__ = ["EvalConfig", "evaluate", "expand_sweep", "load_inputs", "check_policies", "format_table",
-           "add_arguments", "run"]
+__all__ = ["EvalConfig", "evaluate", "expand_sweep", "load_inputs", "check_policies", "require_plots",
+           "format_table", "add_arguments", "run"]
 
 DEFAULT_SWEEP = "affinity_binning:alpha=1|3,beta=1|2|4"
 
@@ -176,6 +176,16 @@ def check_policies(model, policies: list) -> None:
             lynx.remove_(model)
 
 
+def require_plots() -> None:
+    """UsageError naming the ``plot`` extra if matplotlib is missing (checked before a long run)."""
+    from .cli import UsageError
+    from .plots import require
+    try:
+        require()
+    except ImportError as e:
+        raise UsageError(str(e)) from None
+
+
 def _ci(d: dict) -> str:
     return f"{d['value']:+.2f} [{d['lo']:+.2f},{d['hi']:+.2f}]"
 
@@ -213,8 +223,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if sweep and args.out is not None:
-        from .demo import _require_plots
-        _require_plots()
+        require_plots()
     model, tokenizer, path, texts, tasks = load_inputs(args.model, args.data, args.eval_dir, args.tasks)
     from .hf import find_routers
     routers = find_routers(model)
