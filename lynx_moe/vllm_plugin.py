@@ -300,6 +300,11 @@ class _State:
         if not bool(vote.any()):
             return w, ids
         policy = self.policy_for(layer)
+        try:
+            policy.check_top_k(layer.top_k)
+        except ValueError as e:   # e.g. static_k:k=4 on a top-2 layer: serve natively, say so once
+            self.warn_once(f"{policy} cannot run on a top-{layer.top_k} layer ({e})")
+            return w, ids
         E = layer.num_experts or logits.shape[1]
         native_d = int(distinct_experts(ids, valid, num_experts=E))
         voters, mixed = int(vote.sum()), bool((valid & ~decode).any())
@@ -447,7 +452,14 @@ def _route_op():
 def _set_local_policy(spec: str | dict | None) -> str:
     if _STATE is None:
         raise RuntimeError(f"lynx-moe is not enabled in this process: set {_ENV_POLICY} (e.g. 'topk')")
-    _STATE.override = None if spec is None else parse_spec(spec, "set_policy")
+    new = None if spec is None else parse_spec(spec, "set_policy")
+    if isinstance(new, Policy):
+        for layer in _STATE.layers:   # refuse here rather than fail inside a forward pass
+            if not layer.described:
+                _describe(layer)
+            if not layer.unsupported:
+                new.check_top_k(layer.top_k)
+    _STATE.override = new
     _STATE._window.clear()
     return _STATE.describe_policy()
 

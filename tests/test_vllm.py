@@ -187,6 +187,14 @@ def test_set_policy_rejects_a_bad_spec_in_the_driver(llm):
         set_policy(llm, "affinity_binning:alpha=-1")
 
 
+def test_set_policy_refuses_a_policy_the_model_cannot_run(llm):
+    with pytest.raises(Exception, match=r"StaticK\(k=64\) needs k <= the model's top_k"):
+        set_policy(llm, "static_k:k=64")
+    [s] = stats(llm)
+    assert s["policy"] == "topk"                      # unchanged
+    assert len(_greedy(llm, PROMPTS[:2], 2)) == 2     # and the engine still serves
+
+
 # --- start-up and serving --------------------------------------------------------------------
 
 
