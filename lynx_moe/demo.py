@@ -46,11 +46,13 @@ SIZES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default reports/demo-<UTC time>)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="report folder (default reports/demo-<UTC time>)")
     parser.add_argument("--quick", action="store_true", help="smaller samples and fewer policies (about half the time)")
     parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)  # tests and other models
-    parser.add_argument("--batch-size", type=int, default=32, help="decode rows per step (default 32)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="decode rows per step (default 32)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: torch's choice)")
 
 
 def demo_policies(num_experts: int, top_k: int, quick: bool) -> tuple[str, list]:
@@ -194,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"distinct: experts per MoE layer and decode step (mean over layers); speedup: native ms/step over "
           f"the policy's, measured (median of {size['bench_repeats']} interleaved rounds); bound: the speedup of "
           f"a purely memory-bound step (bytes read, native / policy); intervals: 95 % paired bootstrap. "
-          f"{summary['seconds']:.0f} s in all.")
+          f"{summary['seconds']:.0f} s in all.\nThe reference model is tiny, so routing overhead weighs more "
+          f"against the expert bytes saved than in a real model: see lynx bench --shape olmoe-1b-7b.")
     print(f"report: {out}/  (summary.json, {', '.join(p.name for p in plots)})")
     return 0

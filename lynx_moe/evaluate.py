@@ -88,27 +88,35 @@ def expand_sweep(spec: str, max_points: int = 64) -> list:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli import policy_arg
-    parser.add_argument("--model", type=Path, default=None, help="model folder (default: the reference model)")
-    parser.add_argument("--policy", type=policy_arg, action="append", default=None,
+    parser.add_argument("--model", type=Path, default=None, metavar="PATH",
+                        help="model folder (default: the reference model)")
+    parser.add_argument("--policy", type=policy_arg, action="append", default=None, metavar="SPEC",
                         help="policy spec to compare with native (repeatable; default: the authors' "
                              "AffinityBinning preset for the model's shape)")
     parser.add_argument("--sweep", nargs="?", const=DEFAULT_SWEEP, default=None, metavar="GRID",
                         help="also evaluate a grid of settings, e.g. 'affinity_binning:alpha=0.5..4,beta=1..4' "
                              f"(lo..hi: integers or doublings; a|b: a list; default grid {DEFAULT_SWEEP!r})")
-    parser.add_argument("--batch-size", type=int, default=32, help="decode rows per step (default 32)")
-    parser.add_argument("--tasks", default="all", help="comma-separated task names, 'all' (default) or 'none'")
-    parser.add_argument("--limit", type=int, default=200, help="items per task (default 200)")
-    parser.add_argument("--ppl-rows", type=int, default=16, help="held-out rows per domain (default 16; 0: skip)")
-    parser.add_argument("--ppl-tokens", type=int, default=64, help="scored decode steps per held-out row (default 64)")
-    parser.add_argument("--prefix", type=int, default=16, help="prefilled tokens per held-out row (default 16)")
-    parser.add_argument("--gen-prompts", type=int, default=64, help="greedy-agreement prompts (default 64; 0: skip)")
-    parser.add_argument("--gen-tokens", type=int, default=32, help="greedy-agreement tokens (default 32)")
-    parser.add_argument("--data", type=Path, action="append", default=None,
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="decode rows per step (default 32)")
+    parser.add_argument("--tasks", default="all", metavar="NAMES",
+                        help="comma-separated task names, 'all' (default) or 'none'")
+    parser.add_argument("--limit", type=int, default=200, metavar="N", help="items per task (default 200)")
+    parser.add_argument("--ppl-rows", type=int, default=16, metavar="N",
+                        help="held-out rows per domain (default 16; 0: skip)")
+    parser.add_argument("--ppl-tokens", type=int, default=64, metavar="N",
+                        help="scored decode steps per held-out row (default 64)")
+    parser.add_argument("--prefix", type=int, default=16, metavar="N",
+                        help="prefilled tokens per held-out row (default 16)")
+    parser.add_argument("--gen-prompts", type=int, default=64, metavar="N",
+                        help="greedy-agreement prompts (default 64; 0: skip)")
+    parser.add_argument("--gen-tokens", type=int, default=32, metavar="N", help="greedy-agreement tokens (default 32)")
+    parser.add_argument("--data", type=Path, action="append", default=None, metavar="FILE",
                         help="held-out text JSONL file or folder (default: MODEL/eval/heldout)")
-    parser.add_argument("--eval-dir", type=Path, default=None,
+    parser.add_argument("--eval-dir", type=Path, default=None, metavar="DIR",
                         help="folder of lm-eval YAML tasks (default: MODEL/eval, else the reference model's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=None, help="write eval.json (and the sweep plot) here")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="write eval.json (and the sweep plot) here")
     parser.add_argument("--json-only", action="store_true", help="print only the final JSON line")
 
 
