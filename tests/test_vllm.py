@@ -225,7 +225,7 @@ def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
     cmd = [*LYNX, "serve", model_dir, "--policy", "affinity_binning:alpha=3,beta=2",
-           "--port", str(port), "--enforce-eager", "--max-model-len", "256"]
+           "--stats-every", "1", "--port", str(port), "--enforce-eager", "--max-model-len", "256"]
     server = subprocess.Popen(cmd, env={**os.environ, **ENGINE_ENV}, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
@@ -251,6 +251,7 @@ def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
         log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "lynx-moe: batch-aware expert selection enabled" in text
+    assert "distinct experts per decode step" in text   # the periodic statistics line
     assert "Traceback" not in text.split("shutdown")[0]   # nothing failed before shutting down
 
 
