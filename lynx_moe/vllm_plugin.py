@@ -1,8 +1,10 @@
 """vLLM general plugin: batch-aware expert selection inside vLLM's own MoE layers.
 
-Enable it with an environment variable; without one it does nothing:
+Enable it with an environment variable (read in every vLLM process); without one it does
+nothing:
 
-    LYNX_POLICY="affinity_binning:alpha=3,beta=4" vllm serve MODEL --enforce-eager
+    LYNX_POLICY="affinity_binning:alpha=3,beta=4" python my_script.py   # uses vllm.LLM
+    lynx serve MODEL --policy affinity_binning:alpha=3,beta=4           # sets it for the server
     LYNX_POLICY=preset ...           # the authors' preset for each layer's experts x top-k
     LYNX_POLICY_FILE=lynx.json ...   # per-model settings, see ``load_settings``
     LYNX_STATS_EVERY=200             # log distinct experts every N forward steps (0: never)
