@@ -184,6 +184,27 @@ def test_teacher_forced_matches_full_forward_and_routes_decode_rows(loaded):
     assert gen[0].tolist() == ref[0, len(rows[0]):].tolist()
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_decode_scoring_other_architectures(arch):
+    """Left-padded prefill + ragged decode equals a plain forward under native routing, and a
+    policy changes the scores, on the other supported router types."""
+    from lynx_moe.hf import tiny_model
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (14, 9, 18)]
+    lens = [5, 3, 9]
+    pre = prefill(model, rows, lens, pad_id=0)
+    native = teacher_forced(model, pre, rows, lens)
+    with lynx.applied(model, lynx.AffinityBinning(alpha=1.0, beta=1)):
+        policy = teacher_forced(model, pre, rows, lens)
+    with torch.no_grad():
+        for i, (r, p) in enumerate(zip(rows, lens)):
+            full = model(input_ids=torch.tensor([r])).logits[0, p:-1].float().log_softmax(-1)
+            ref = full.gather(1, torch.tensor(r[p + 1:])[:, None])[:, 0]
+            torch.testing.assert_close(native.row_logprobs(i), ref, atol=1e-4, rtol=0)
+    assert not torch.equal(policy.logprobs, native.logprobs)
+
+
 def test_native_equal_policy_gives_zero_loss(loaded, tiny_dir):
     model, tok = loaded
     from lynx_moe.profile import load_texts
