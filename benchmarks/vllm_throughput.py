@@ -255,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     after = conditions()
     print(f"vLLM {before['vllm']} eager bf16 on {before['cpu']} ({before['cores']} cores), "
           f"load avg {before['load_avg_1m']} -> {after['load_avg_1m']}; model {model_dir}; routing: {desc['routing']}")
-    print(f"{'B':>3} {'policy':<40} {'ms/step':>8} {'min-max':>13} {'tok/s':>8} {'speedup':>7} "
+    print(f"{'B':>3} {'policy':<48} {'ms/step':>8} {'min-max':>13} {'tok/s':>8} {'speedup':>7} "
           f"{'distinct':>8} {'expert MB':>9}")
     for r in rows:
-        print(f"{r['batch']:>3} {r['policy'][:40]:<40} {r['ms_per_step']:>8.1f} {r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} "
+        print(f"{r['batch']:>3} {r['policy'][:48]:<48} {r['ms_per_step']:>8.1f} {r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} "
               f"{r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}x {r['distinct_mean']:>8.1f} {r['expert_mb_per_step']:>9.1f}")
     print(json.dumps({"bench": "vllm_throughput", "model": desc, "steps": args.steps, "repeats": args.repeats,
                       "conditions": {"before": before, "after": after}, "results": rows}))
