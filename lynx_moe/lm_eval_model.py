@@ -18,9 +18,12 @@ What it exercises. The policy acts on decode steps only. Generation tasks
 batches of ``batch_size`` sequences through ``model.generate`` and so measure the policy
 (except the first new token, which comes from the prefill). Loglikelihood tasks (multiple
 choice, perplexity) run as one prefill forward per request in lm-eval and are therefore
-routed natively: their scores do not change with the policy. ``lynx eval`` scores those in
-decode mode instead. After each generation pass the distinct experts per decode step are
-logged.
+routed natively: their scores do not change with the policy. With ``decode_scoring=true``
+they are scored in decode mode instead (``lynx_moe.scoring``, as ``lynx eval`` does): each
+batch of ``batch_size`` requests prefills its contexts but the last token, then feeds that
+token and the continuation one decode step at a time, so every continuation token is
+predicted by a decode step with the whole batch voting (slower: one forward per token). After
+each pass the distinct experts per decode step are logged.
 
 lm-eval 0.4.13 has no plugin discovery for models: ``register()`` (or ``lynx lm-eval``, which
 calls it and then lm-eval's own command line) adds the name to its registry.
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+
+import torch
 
 try:
     from lm_eval.api.registry import get_model, register_model
@@ -61,24 +66,76 @@ def parse_policy_arg(spec: Any) -> lynx.Policy:
 class LynxHFLM(HFLM):
     """``HFLM`` whose model routes its decode steps with ``policy`` (see the module docstring)."""
 
-    def __init__(self, pretrained: Any, policy: Any = None, **kwargs: Any) -> None:
+    def __init__(self, pretrained: Any, policy: Any = None, decode_scoring: Any = False, **kwargs: Any) -> None:
         self.policy = parse_policy_arg(policy)   # fail on a bad spec before loading anything
+        self.decode_scoring = str(decode_scoring).strip().lower() in ("1", "true", "yes")
         super().__init__(pretrained=pretrained, **kwargs)
         lynx.apply_(self.model, self.policy, stats=True)
-        log.info("lynx-hf: routing decode steps with %s; loglikelihood requests run as prefill "
-                 "and are routed natively", self.policy)
+        log.info("lynx-hf: routing decode steps with %s; loglikelihood requests %s", self.policy,
+                 "scored in decode mode" if self.decode_scoring else "run as prefill and are routed natively")
 
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        lynx.reset_stats(self.model)
-        out = super().generate_until(requests, disable_tqdm=disable_tqdm)
+    def _log_stats(self, what: str) -> None:
         stats = lynx.routing_stats(self.model)
         if stats and stats[0].steps:
             nat = sum(s.distinct_native for s in stats) / len(stats)
             pol = sum(s.distinct_policy for s in stats) / len(stats)
-            log.info("lynx-hf %s: %d decode steps, %.1f rows/step; distinct experts per layer and step "
-                     "%.2f (native %.2f)", self.policy, stats[0].steps,
+            log.info("lynx-hf %s, %s: %d decode steps, %.1f rows/step; distinct experts per layer and step "
+                     "%.2f (native %.2f)", self.policy, what, stats[0].steps,
                      stats[0].decode_rows / stats[0].steps, pol, nat)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        lynx.reset_stats(self.model)
+        out = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        self._log_stats("generation")
         return out
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        if not self.decode_scoring:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        from tqdm import tqdm
+        lynx.reset_stats(self.model)
+        bs = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 32)
+        # Longest first, like lm-eval: similar lengths share a batch and padding stays small.
+        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood in decode mode")
+        for start in range(0, len(order), bs):
+            chunk = order[start:start + bs]
+            for i, answer in zip(chunk, self._decode_scores([requests[i] for i in chunk])):
+                out[i] = answer
+                if requests[i][0] is not None:   # rolling windows are cached per document by lm-eval
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(len(chunk))
+        bar.close()
+        self._log_stats("loglikelihood")
+        return out
+
+    def _decode_scores(self, requests) -> list[tuple[float, bool]]:
+        """``(sum of log p(continuation), continuation is greedy)`` per request, in decode mode."""
+        from .scoring import prefill, teacher_forced
+        rows, lens, from_prefill = [], [], []
+        for _, ctx, cont in requests:
+            row = (list(ctx) + list(cont))[-(self.max_length + 1):]
+            n_ctx = max(1, len(row) - len(cont))
+            rows.append(row)
+            # The last context token is fed by the first decode step; a one-token context is
+            # prefilled whole and its prediction of the first continuation token comes from the prefill.
+            lens.append(n_ctx - 1 if n_ctx >= 2 else 1)
+            from_prefill.append(n_ctx == 1)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        pre = prefill(self.model, rows, lens, pad)
+        sc = teacher_forced(self.model, pre, rows, lens)
+        answers = []
+        for r, (row, p) in enumerate(zip(rows, lens)):
+            targets = torch.tensor(row[p + 1:], dtype=torch.long)
+            total = sc.row_logprobs(r).double().sum().item()
+            greedy = bool((sc.argmax[r][sc.live[r]] == targets).all())
+            if from_prefill[r]:   # the first continuation token is scored by the prefill
+                first = row[p]
+                total += pre.last_logp[r, first].item()
+                greedy = greedy and int(pre.last_logp[r].argmax()) == first
+            answers.append((total, greedy))
+        return answers
 
 
 def register() -> type:

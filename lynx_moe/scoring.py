@@ -40,6 +40,7 @@ class Prefilled:
     mask: torch.Tensor         # [B, P] int64 attention mask (left padding = 0)
     next_pos: torch.Tensor     # [B] int64 position of each row's next token
     pad_id: int
+    last_logp: torch.Tensor    # [B, V] float32 log-probabilities after each row's last prefill token
 
     @property
     def length(self) -> int:
@@ -83,7 +84,7 @@ def prefill(model, rows: list[list[int]], prefill_lens: list[int], pad_id: int) 
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
     out = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
-    return Prefilled(out.past_key_values, mask, mask.sum(1), pad_id)
+    return Prefilled(out.past_key_values, mask, mask.sum(1), pad_id, out.logits[:, -1].float().log_softmax(-1))
 
 
 def _step(model, pre: Prefilled, mask: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor,
@@ -105,11 +106,12 @@ def _rollback(pre: Prefilled) -> None:
 def teacher_forced(model, pre: Prefilled, rows: list[list[int]], prefill_lens: list[int], *,
                    keep_logprobs: bool = False) -> Scored:
     """Score ``rows[i][prefill_lens[i] + 1:]``: step ``j`` feeds token ``prefill_lens[i] + j`` and
-    is scored on the one after it. Rows with fewer tokens stop early (they then stop voting)."""
+    is scored on the one after it. Rows with fewer tokens stop early (they then stop voting).
+    (Token ``prefill_lens[i]`` itself is predicted by the prefill: ``pre.last_logp``.)"""
     dev = pre.mask.device
     spans = [r[p:] for r, p in zip(rows, prefill_lens)]
-    if any(len(s) < 2 for s in spans):
-        raise ValueError("every row needs at least 2 tokens after its prefill (one fed, one scored)")
+    if any(len(s) < 1 for s in spans):
+        raise ValueError("every row needs at least 1 token after its prefill")
     S = max(len(s) for s in spans) - 1
     feed = torch.full((len(rows), S + 1), pre.pad_id, dtype=torch.long)
     live = torch.zeros((len(rows), S), dtype=torch.bool)
@@ -128,6 +130,10 @@ def teacher_forced(model, pre: Prefilled, rows: list[list[int]], prefill_lens: l
                 fulls.append(logp)
     finally:
         _rollback(pre)
+    B, V = len(rows), pre.last_logp.shape[-1]
+    if S == 0:   # nothing to decode: every row ends right after its prefill
+        return Scored(torch.zeros(B, 0), live.cpu(), torch.zeros(B, 0, dtype=torch.long),
+                      torch.zeros(B, 0, V) if keep_logprobs else None)
     logprobs = torch.stack(lps, 1).masked_fill(~live, 0.0)
     return Scored(logprobs.cpu(), live.cpu(), torch.stack(args, 1).cpu(),
                   torch.stack(fulls, 1).cpu() if keep_logprobs else None)

@@ -327,3 +327,26 @@ def test_demo_quick_on_tiny_model(tiny_dir, tmp_path, capsys, monkeypatch):
     assert all(r["speedup"] is not None for r in summary["table"])
     assert (out / "distinct_per_layer.png").is_file() and (out / "quality_vs_saved.png").is_file()
     assert f"report: {out}" in stdout
+
+
+def test_lm_eval_decode_scoring_matches_prefill_under_native_routing(tiny_dir, tokenizer):
+    """With native routing, decode-mode loglikelihoods equal lm-eval's own prefill ones
+    (one-token contexts and one-token continuations included); with a policy they differ."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from lynx_moe.lm_eval_model import LynxHFLM
+    lm = LynxHFLM(pretrained=str(tiny_dir), decode_scoring="true", device="cpu", dtype="float32", batch_size=3)
+    enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    reqs = [((c, x), enc(c) or [tokenizer.eos_token_id], enc(x))
+            for c, x in [("the quick brown fox", " jumps over"), ("a", " lazy dog while seven"),
+                         ("winter light under pale", " rivers"), ("", " amber rivers under"),
+                         ("seven wizards quietly", " hex the quick brown fox")]]
+    ours = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    theirs = HFLM._loglikelihood_tokens(lm, reqs, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(ours, theirs):
+        assert a == pytest.approx(b, abs=1e-3) and ga == gb
+    assert lynx.routing_stats(lm.model)[0].decode_rows > 0
+    lynx.apply_(lm.model, lynx.AffinityBinning(alpha=1.0, beta=1))
+    changed = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+    assert any(abs(a - b) > 1e-4 for (a, _), (b, _) in zip(changed, ours))
