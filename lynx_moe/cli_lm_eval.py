@@ -8,7 +8,9 @@ lm-eval's help. Without ``--device`` on a machine without CUDA, ``--device cpu``
         --tasks lynx_ref_next_word --include_path models/lynx-ref-moe/eval --batch_size 32
 
 Inside ``policy=`` separate the spec's fields with ``;`` or ``+`` (lm-eval splits model_args
-on commas).
+on commas). Add ``decode_scoring=true`` to score loglikelihood (multiple-choice, perplexity)
+requests in decode mode, where the policy acts; by default lm-eval runs them as a prefill,
+which is routed natively (see ``lynx_moe.lm_eval_model``).
 """
 
 from __future__ import annotations
