@@ -334,6 +334,8 @@ def run(args: argparse.Namespace) -> int:
         results += rows_b
         if not args.json_only:
             print("\n".join(map(_row, rows_b)), flush=True)
+    # Measured again after timing: a large drift means the machine got busier or quieter.
+    bw_after = copy_bandwidth(args.bandwidth_mib << 20) if args.bandwidth_mib else None
     summary = {
         **desc, **_conditions(load_before), "experts": E, "top_k": cfg.num_experts_per_tok,
         "dtype": str(next(model.parameters()).dtype),
@@ -341,11 +343,13 @@ def run(args: argparse.Namespace) -> int:
         "repeats": args.repeats, "threads": torch.get_num_threads(), "setup_s": round(setup_s, 1),
         "bandwidth_gbps": None if bw is None else round(bw.gbps, 2),
         "bandwidth": None if bw is None else bw.to_dict(),
+        "bandwidth_after_gbps": None if bw_after is None else round(bw_after.gbps, 2),
         "dense_mb_per_step": round(step_bytes.dense / 1e6, 1),
         "expert_mb": round(step_bytes.expert[0] / 1e6, 2), "results": results,
     }
     if not args.json_only and bw is not None:
-        print(f"copy bandwidth {bw.gbps:.1f} GB/s (min {bw.min_gbps:.1f}, max {bw.max_gbps:.1f}); one expert "
+        print(f"copy bandwidth {bw.gbps:.1f} GB/s (min {bw.min_gbps:.1f}, max {bw.max_gbps:.1f}; "
+              f"{summary['bandwidth_after_gbps']:.1f} after timing); one expert "
               f"{summary['expert_mb']} MB; dense weights {summary['dense_mb_per_step']} MB/step; "
               f"{summary['threads']} threads; load average {summary['load_avg_before']} -> "
               f"{summary['load_avg_after']} on {summary['cores']} cores")
