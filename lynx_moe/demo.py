@@ -25,8 +25,6 @@ quality deltas are the part that carries over (see ``lynx bench --shape``).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import time
@@ -86,22 +84,6 @@ def _model_path(arg: Path | None) -> Path:
                          "model with LYNX_REFERENCE_MODEL=PATH") from None
 
 
-def _bench(path: Path, policies: list, batch: int, repeats: int, threads: int | None) -> dict:
-    """``lynx bench`` at one batch size; returns its JSON summary."""
-    from . import bench
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    argv = ["--model", str(path), "--batch-sizes", str(batch), "--new-tokens", "16", "--prompt-len", "16",
-            "--repeats", str(repeats), "--bandwidth-mib", "256", "--json-only"]
-    argv += [a for p in policies for a in ("--policy", str(p))]
-    if threads:
-        argv += ["--threads", str(threads)]
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        bench.run(parser.parse_args(argv))
-    return json.loads(buf.getvalue().strip().splitlines()[-1])
-
-
 def _rows(results: list[dict], bench: dict) -> list[dict]:
     speed = {r["policy"]: r for r in bench["results"]}
     rows = []
@@ -150,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .cli import UsageError
-    from .evaluate import check_policies, load_inputs, require_plots
+    from .evaluate import check_policies, decode_speed, load_inputs, require_plots
     from .plots import distinct_per_layer, quality_vs_saved
     from .quality import EvalConfig, evaluate
     t0 = time.perf_counter()
@@ -176,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     t_eval = time.perf_counter() - t0
     del model
     print(f"    {t_eval:.0f} s; 2/2 decode speed (interleaved timed rounds) ...", flush=True)
-    bench = _bench(path, policies, cfg.batch_size, size["bench_repeats"], args.threads)
+    bench = decode_speed(path, policies, cfg.batch_size, size["bench_repeats"], args.threads)
     rows = _rows(results, bench)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{path.name}, batch {cfg.batch_size}"

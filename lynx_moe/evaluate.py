@@ -30,6 +30,8 @@ The measuring is in ``lynx_moe.quality`` (per policy) and ``lynx_moe.scoring`` (
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import json
 from dataclasses import asdict
@@ -40,7 +42,7 @@ import torch
 from .quality import EvalConfig, evaluate
 
 __all__ = ["EvalConfig", "evaluate", "expand_sweep", "load_inputs", "check_policies", "require_plots",
-           "format_table", "add_arguments", "run"]
+           "decode_speed", "format_table", "add_arguments", "run"]
 
 DEFAULT_SWEEP = "affinity_binning:alpha=1|3,beta=1|2|4"
 
@@ -115,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of lm-eval YAML tasks (default: MODEL/eval, else the reference model's)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads (default: torch's choice)")
+    parser.add_argument("--speed", type=int, nargs="?", const=3, default=0, metavar="ROUNDS",
+                        help="also time decode steps of every policy at --batch-size (lynx bench: interleaved "
+                             "rounds, default 3) and report the speedup over native")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="write eval.json (and the sweep plot) here")
     parser.add_argument("--json-only", action="store_true", help="print only the final JSON line")
@@ -125,7 +130,7 @@ def _config(args) -> EvalConfig:
     for name in ("batch_size", "ppl_tokens", "prefix", "gen_tokens", "limit"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("ppl_rows", "gen_prompts"):
+    for name in ("ppl_rows", "gen_prompts", "speed"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
@@ -194,20 +199,43 @@ def require_plots() -> None:
         raise UsageError(str(e)) from None
 
 
+def decode_speed(path: Path, policies: list, batch: int, repeats: int = 3, threads: int | None = None) -> dict:
+    """Decode speed of native and ``policies`` at one batch size: ``lynx bench``'s JSON summary
+    (interleaved timed rounds of 16 teacher-forced steps after a 16-token prompt)."""
+    from . import bench
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = ["--model", str(path), "--batch-sizes", str(batch), "--new-tokens", "16", "--prompt-len", "16",
+            "--repeats", str(repeats), "--bandwidth-mib", "256", "--json-only"]
+    argv += [a for p in policies for a in ("--policy", str(p))]
+    if threads:
+        argv += ["--threads", str(threads)]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        bench.run(parser.parse_args(argv))
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def _ci(d: dict) -> str:
     return f"{d['value']:+.2f} [{d['lo']:+.2f},{d['hi']:+.2f}]"
 
 
 def format_table(results: list[dict]) -> str:
     """Quality table: one row per policy; then one row per task with each policy's delta."""
+    speed = "speed" in results[0]
     lines = [f"{'policy':<36} {'distinct':>8} {'saved':>6} {'ppl':>8} {'ppl change % [95% CI]':>24} "
-             f"{'KL':>7} {'top1':>6} {'greedy':>6} {'1st div':>7}"]
+             f"{'KL':>7} {'top1':>6} {'greedy':>6} {'1st div':>7}" + (f" {'speedup':>7} {'bound':>6}" if speed else "")]
     for r in results:
         rt, p, g = r["routing"], r.get("perplexity"), r.get("greedy")
         lines.append(f"{r['policy'][:36]:<36} {rt['distinct']:>8.1f} {100 * rt['saved']:>5.1f}% "
                      + (f"{p['ppl']:>8.2f} {_ci(p['delta_pct']):>24} {p['kl']:>7.4f} {100 * p['top1_agreement']:>5.1f}%"
                         if p else f"{'-':>8} {'-':>24} {'-':>7} {'-':>6}")
-                     + (f" {100 * g['agreement']:>5.1f}% {g['first_divergence']:>7.1f}" if g else f" {'-':>6} {'-':>7}"))
+                     + (f" {100 * g['agreement']:>5.1f}% {g['first_divergence']:>7.1f}" if g else f" {'-':>6} {'-':>7}")
+                     + (f" {_x(r['speed']['speedup']):>7} {_x(r['speed']['bound_speedup']):>6}" if speed else ""))
     for name, t in results[0].get("tasks", {}).items():
         lines.append(f"task {name} (n={t['n']}, chance {100 * t['chance']:.1f}%, native acc "
                      f"{100 * t['acc_native']:.1f}%): accuracy change, points [95% CI]")
@@ -245,11 +273,23 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("nothing to evaluate: --ppl-rows 0 and --tasks none")
     results = evaluate(model, tokenizer, policies, texts if cfg.ppl_per_domain else None, tasks, cfg,
                        progress=not args.json_only)
+    dtype = str(next(model.parameters()).dtype)
+    if args.speed:
+        del model   # the benchmark loads its own copy
+        bench = decode_speed(path, policies, cfg.batch_size, args.speed, args.threads)
+        by_policy = {b["policy"]: b for b in bench["results"]}
+        for r in results:
+            b = by_policy.get(r["policy"], {})
+            r["speed"] = {k: b.get(k) for k in ("ms_per_step", "tokens_per_s", "speedup", "bound_speedup",
+                                                 "experts_ms_per_step")}
+        summary_bench = {k: v for k, v in bench.items() if k != "results"}
     summary = {"model": str(path), "experts": E, "top_k": K, "preset": preset_name, "config": asdict(cfg),
-               "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype),
+               "threads": torch.get_num_threads(), "dtype": dtype,
                "tasks": {t.name: {k: results[0]["tasks"][t.name][k] for k in ("kind", "n", "chance")}
                          | {"source": t.source} for t in tasks},
                "results": results}
+    if args.speed:
+        summary["bench"] = summary_bench
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         if sweep:

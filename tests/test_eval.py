@@ -255,11 +255,12 @@ def test_eval_cli_sweep_writes_json_and_plot(tiny_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     code, stdout, err = _cli(["eval", "--model", str(tiny_dir), "--sweep", "oea:k0=1|2", "--tasks", "tiny_mc",
                               "--batch-size", "4", "--ppl-rows", "2", "--ppl-tokens", "6", "--prefix", "4",
-                              "--gen-prompts", "4", "--gen-tokens", "3", "--out", str(out)], capsys)
+                              "--gen-prompts", "4", "--gen-tokens", "3", "--speed", "1", "--out", str(out)], capsys)
     assert code == 0, err
     lines = stdout.strip().splitlines()
     summary = json.loads(lines[-1])
     assert [r["policy"] for r in summary["results"]] == ["native", "oea:k0=1", "oea:k0=2"]
+    assert all(r["speed"]["speedup"] > 0 for r in summary["results"]) and "speedup" in stdout
     assert "ppl change" in stdout and "task tiny_mc" in stdout
     assert (out / "eval.json").is_file() and (out / "sweep.png").stat().st_size > 1000
 
