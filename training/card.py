@@ -37,6 +37,7 @@ def load(path):
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.config.output_router_logits = False
     model.eval()
     return model, tok
 
@@ -172,7 +173,10 @@ def mc_accuracy(model, tok, items, ctx_key, batch=32):
         if d:
             by_dom.setdefault(d, []).append(hit)
     n = len(items)
-    res = {"n": n, "acc": round(acc / n, 4), "acc_norm": round(acc_norm / n, 4), "chance": 0.25}
+    labels = [it["label"] for it in items]
+    res = {"n": n, "acc": round(acc / n, 4), "acc_norm": round(acc_norm / n, 4),
+           "chance": round(float(np.mean([1 / len(it["choices"]) for it in items])), 4),
+           "majority_label_share": round(max(labels.count(c) for c in set(labels)) / n, 4)}
     if by_dom:
         res["acc_by_domain"] = {d: round(float(np.mean(v)), 3) for d, v in sorted(by_dom.items())}
     return res
@@ -300,16 +304,23 @@ def render(m, cfg, repo: Path) -> str:
     de_rows = [[B, v["mean"], " / ".join(str(x) for x in v["per_layer"]), v["uniform_random_routing"],
                 v["sequences"]] for B, v in de.items()]
     t = m["tasks"]
-    wn, lw, nw = t["lynx_ref_wn_gloss"], t["lynx_ref_last_word"], t["lynx_ref_next_word"]
-    ns = t["lynx_ref_next_sentence"]
-    task_rows = [
-        ["lynx_ref_wn_gloss (MC, 4 choices)", wn["n"], f"acc {wn['acc']:.3f}, acc_norm {wn['acc_norm']:.3f}", "0.25"],
-        ["lynx_ref_last_word (MC, 4 choices)", lw["n"], f"acc {lw['acc']:.3f}, acc_norm {lw['acc_norm']:.3f}", "0.25"],
-        ["lynx_ref_next_sentence (MC, 4 choices)", ns["n"], f"acc {ns['acc']:.3f}, acc_norm {ns['acc_norm']:.3f}", "0.25"],
-        ["lynx_ref_next_word (generation, exact match)", nw["n"], f"exact_match {nw['exact_match']:.3f}",
-         f"~0 (always answering the most frequent answer '{nw['most_frequent_answer']}': "
-         f"{nw['chance_most_frequent_answer']:.3f})"],
-    ]
+    task_rows, task_notes = [], []
+    for name, r in t.items():
+        short = name.removeprefix("lynx_ref_")
+        if "acc" in r:
+            res = f"acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f}"
+            ch = f"{r['chance']:.2f}" + (f" (majority label {r['majority_label_share']:.2f})"
+                                         if r["majority_label_share"] > r["chance"] + 0.03 else "")
+            task_rows.append([f"{name} (multiple choice)", r["n"], res, ch])
+            by = r.get("acc_by_domain")
+        else:
+            task_rows.append([f"{name} (generation, exact match)", r["n"], f"exact_match {r['exact_match']:.3f}",
+                              f"~0; always answering the most frequent answer ('{r['most_frequent_answer']}') "
+                              f"scores {r['chance_most_frequent_answer']:.3f}"])
+            by = r.get("exact_match_by_domain")
+        task_notes.append(f"- `{short}`: {TASK_DESC.get(short, '')}." + (f" By domain: {by}." if by else ""))
+    task_notes = "\n".join(task_notes)
+    task_list = ",".join(t) + ",lynx_ref_ppl"
     samples_txt = "\n".join(f"- `{s['prompt']!r}` → `{s['greedy'][:160]!r}`" for s in m.get("samples", []))
     hv = tr.get("final_heldout_loss_validation") or {}
     curve = ", ".join(f"{s}: {l:.3f}" for s, l in tr.get("heldout_curve", []))
@@ -445,24 +456,17 @@ acc_norm divides by the choice's character length; generation is greedy, ≤8 to
 
 {_table(["task", "items", "result", "chance"], task_rows)}
 
-- `wn_gloss`: prompt `"<word> (<pos>):"` → the WordNet definition of that synset vs. 3 definitions of other
-  test synsets with the same part of speech.
-- `last_word`: ≤320 characters of a held-out document ending just before the last word of a sentence → that
-  word vs. 3 words of similar corpus frequency (same capitalisation). Accuracy by domain: {lw.get('acc_by_domain')}.
-- `next_sentence`: ≤240 characters of a held-out document ending at a sentence end → the true next sentence
-  vs. 3 sentences from other test documents of the same domain. Accuracy by domain: {ns.get('acc_by_domain')}.
-- `next_word`: same kind of context (different sample) → generate the word. Exact match by domain:
-  {nw.get('exact_match_by_domain')}.
+{task_notes}
 - `lynx_ref_ppl` (group of `lynx_ref_ppl_<domain>`, loglikelihood_rolling): word/byte perplexity and bits per
-  byte of the held-out segments (lm-eval computes these without the BOS prefix, so they differ slightly from
-  the table above).
+  byte of the held-out segments (tokenisation and BOS handling follow lm-eval, so they can differ slightly
+  from the table above).
 
 Run with lm-eval (from the repo root):
 
 ```bash
-HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \
-  --model_args pretrained=models/lynx-ref-moe,dtype=float32,add_bos_token=True \
-  --tasks lynx_ref_wn_gloss,lynx_ref_last_word,lynx_ref_next_sentence,lynx_ref_next_word,lynx_ref_ppl \
+HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
+  --model_args pretrained=models/lynx-ref-moe,dtype=float32,add_bos_token=True \\
+  --tasks {task_list} \\
   --include_path models/lynx-ref-moe/eval --device cpu --batch_size 16
 ```
 
@@ -496,6 +500,23 @@ the sequence of batches and the initialisation are.
 - The held-out segments start mid-document for long documents; perplexities are comparable across checkpoints
   of this model, not across tokenizers.
 """
+
+
+MC_TASKS = [("wn_gloss", "query"), ("wn_pos", "query"), ("last_word", "context"), ("next_sentence", "context"),
+            ("continuation", "context")]
+TASK_DESC = {
+    "wn_gloss": 'prompt `"<word> (<pos>):"` → the WordNet definition of that synset vs. 3 definitions of other test '
+                'synsets with the same part of speech',
+    "wn_pos": 'prompt `"<word> ("` → `noun)`, `verb)`, `adjective)` or `adverb)` for single-word WordNet test synsets '
+              'whose word has exactly one part of speech in WordNet',
+    "last_word": "≤320 characters of a held-out document ending just before the last word of a sentence → that word "
+                 "vs. 3 words of similar corpus frequency (same capitalisation)",
+    "next_sentence": "≤240 characters of a held-out document ending at a sentence end → the true next sentence vs. 3 "
+                     "sentences from other test documents of the same domain",
+    "continuation": "as next_sentence, but the 3 distractor sentences come from other domains",
+    "next_word": "same kind of context as last_word, restricted to sentences whose last word already occurs in the "
+                 "context → generate that word (greedy, exact match)",
+}
 
 
 def main():
@@ -565,12 +586,13 @@ def main():
 
     # ---- tasks
     lim = (lambda xs: xs[:args.limit]) if args.limit else (lambda xs: xs)
-    metrics["tasks"] = {
-        "lynx_ref_wn_gloss": mc_accuracy(model, tok, lim(read_jsonl(ev / "wn_gloss.jsonl")), "query"),
-        "lynx_ref_last_word": mc_accuracy(model, tok, lim(read_jsonl(ev / "last_word.jsonl")), "context"),
-        "lynx_ref_next_sentence": mc_accuracy(model, tok, lim(read_jsonl(ev / "next_sentence.jsonl")), "context"),
-        "lynx_ref_next_word": gen_accuracy(model, tok, lim(read_jsonl(ev / "next_word.jsonl"))),
-    }
+    metrics["tasks"] = {}
+    for name, key in MC_TASKS:
+        if (ev / f"{name}.jsonl").exists():
+            metrics["tasks"][f"lynx_ref_{name}"] = mc_accuracy(model, tok, lim(read_jsonl(ev / f"{name}.jsonl")), key)
+            print(name, metrics["tasks"][f"lynx_ref_{name}"], flush=True)
+    if (ev / "next_word.jsonl").exists():
+        metrics["tasks"]["lynx_ref_next_word"] = gen_accuracy(model, tok, lim(read_jsonl(ev / "next_word.jsonl")))
     print("tasks", json.dumps(metrics["tasks"])[:1500], round(time.time() - t0), flush=True)
     metrics["samples"] = samples(model, tok, ["In the beginning", "And Jesus said to them,",
                                               "The function", "NAME\n\nls - ", "dog (noun):",

@@ -6,11 +6,15 @@ Writes (all small JSONL + lm-evaluation-harness 0.4.13 YAML task files):
 * heldout/<domain>.jsonl  - 200 segments of <= 256 tokens per domain (perplexity text);
                             tasks lynx_ref_ppl_<domain> (loglikelihood_rolling), group lynx_ref_ppl
 * wn_gloss.jsonl          - multiple choice: "word (pos):" -> its WordNet gloss among 4 (chance 0.25)
+* wn_pos.jsonl            - multiple choice: "word (" -> "noun)"/"verb)"/"adjective)"/"adverb)", classes
+                            balanced (chance 0.25)
 * last_word.jsonl         - multiple choice: held-out context -> the true last word of the sentence
                             among 4 candidates of similar corpus frequency (chance 0.25)
 * next_sentence.jsonl     - multiple choice: held-out context -> the true next sentence among 4 (the
                             others from other test documents of the same domain; chance 0.25)
-* next_word.jsonl         - generation: held-out context -> last word of the sentence (exact match)
+* next_word.jsonl         - generation: held-out context -> last word of the sentence (exact match); only
+                            sentences whose last word already occurs in the context (evidence available)
+* continuation.jsonl      - like next_sentence, but the 3 distractors come from other domains (chance 0.25)
 Run lm-eval from the repo root with ``--include_path models/lynx-ref-moe/eval``.
 """
 from __future__ import annotations
@@ -117,6 +121,50 @@ def build_wn_gloss(corpus: Path, out: Path, rng: random.Random, n: int = 1500):
     print(f"wn_gloss: {len(rows)} items")
 
 
+def build_wn_pos(corpus: Path, out: Path, rng: random.Random, per_pos: int = 600):
+    """'<word> (' -> its part of speech among noun/verb/adjective/adverb, classes balanced (chance 0.25)."""
+    by_pos = collections.defaultdict(list)
+    for doc in docs(corpus, "wordnet", "test"):
+        m = re.match(r"^(.*?) \((noun|verb|adjective|adverb)\): ", doc["text"])
+        w = doc["title"]
+        if m and len(w) >= 3 and " " not in w:
+            by_pos[m.group(2)].append(w)
+    # drop words that WordNet lists (in any split) under more than one part of speech
+    all_pos = collections.defaultdict(set)
+    for split in ("train", "validation", "test"):
+        for doc in docs(corpus, "wordnet", split):
+            m = re.match(r"^(.*?) \((noun|verb|adjective|adverb)\): ", doc["text"])
+            if m:
+                for w in m.group(1).split(", "):
+                    all_pos[w.lower()].add(m.group(2))
+    pos_names = ["noun", "verb", "adjective", "adverb"]
+    rows, seen = [], set()
+    for pos in pos_names:
+        ws = sorted(set(by_pos[pos]))
+        rng.shuffle(ws)
+        n = 0
+        for w in ws:
+            if w in seen or len(all_pos[w.lower()]) > 1:  # several parts of speech would be ambiguous
+                continue
+            seen.add(w)
+            rows.append({"query": f"{w} (", "choices": [p + ")" for p in pos_names], "label": pos_names.index(pos),
+                         "word": w, "pos": pos})
+            n += 1
+            if n >= per_pos:
+                break
+    n_min = min(collections.Counter(r["pos"] for r in rows).values())
+    rows = [r for r in rows if r["pos"] == "adverb" or
+            sum(1 for q in rows[:rows.index(r) + 1] if q["pos"] == r["pos"]) <= max(n_min, 330)]
+    rng.shuffle(rows)
+    write_jsonl(out / "wn_pos.jsonl", rows)
+    (out / "lynx_ref_wn_pos.yaml").write_text(
+        yaml_header("lynx_ref_wn_pos", "wn_pos.jsonl", "multiple_choice")
+        + 'doc_to_text: "{{query}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        + "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        + "metadata:\n  version: 1.0\n")
+    print(f"wn_pos: {len(rows)} items " + str(collections.Counter(r["pos"] for r in rows)))
+
+
 # ------------------------------------------------------------------ last word of held-out sentences
 
 def word_freqs(corpus: Path):
@@ -127,7 +175,7 @@ def word_freqs(corpus: Path):
     return cnt
 
 
-def sentence_items(corpus: Path, rng: random.Random, per_domain: int):
+def sentence_items(corpus: Path, rng: random.Random, per_domain: int, answer_in_context: bool = False):
     """(domain, context, last_word) from test docs: the sentence's last word, preceding text as context."""
     items = []
     for d in TEXT_DOMAINS:
@@ -144,6 +192,8 @@ def sentence_items(corpus: Path, rng: random.Random, per_domain: int):
                 ctx = text[max(0, start - 320):start]
                 if start > 320:
                     ctx = ctx[ctx.find(" ") + 1:]
+                if answer_in_context and not re.search(r"\b" + m.group(1) + r"\b", ctx, re.I):
+                    continue
                 cands.append((d, ctx.lstrip(), m.group(1), doc["id"]))
         rng.shuffle(cands)
         per_doc = collections.Counter()
@@ -198,9 +248,9 @@ def build_last_word(corpus: Path, out: Path, rng: random.Random, freqs, per_doma
     print(f"last_word: {len(rows)} items")
 
 
-def build_next_word(corpus: Path, out: Path, rng: random.Random, per_domain: int = 140):
+def build_next_word(corpus: Path, out: Path, rng: random.Random, per_domain: int = 200):
     rows = [{"domain": d, "context": ctx, "answer": word, "doc": doc_id}
-            for d, ctx, word, doc_id in sentence_items(corpus, rng, per_domain)]
+            for d, ctx, word, doc_id in sentence_items(corpus, rng, per_domain, answer_in_context=True)]
     write_jsonl(out / "next_word.jsonl", rows)
     (out / "lynx_ref_next_word.yaml").write_text(
         yaml_header("lynx_ref_next_word", "next_word.jsonl", "generate_until")
@@ -214,9 +264,11 @@ def build_next_word(corpus: Path, out: Path, rng: random.Random, per_domain: int
     print(f"next_word: {len(rows)} items")
 
 
-def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain: int = 175):
+def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain: int = 175,
+                        cross_domain: bool = False, name: str = "next_sentence"):
     """Context ending at a sentence end -> the true next sentence vs 3 sentences from other test docs."""
     rows = []
+    all_sents = {}
     for d in TEXT_DOMAINS:
         sents = []  # (doc_id, start, end) of sentences with >= 5 words and <= 150 chars on one line
         texts = {}
@@ -227,12 +279,16 @@ def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain:
                 if len(m.group(1).split()) >= 5 and m.start() >= 80:
                     sents.append((doc["id"], m.start(), m.group(1)))
         rng.shuffle(sents)
+        all_sents[d] = (sents, texts)
+    for d in TEXT_DOMAINS:
+        sents, texts = all_sents[d]
+        other = [x for e in TEXT_DOMAINS if e != d for x in all_sents[e][0]]
         by_doc = collections.Counter()
         picked = []
         for doc_id, start, sent in sents:
             if by_doc[doc_id] >= max(3, math.ceil(3 * per_domain / max(1, len(texts)))):
                 continue
-            others = [x[2] for x in rng.sample(sents, 12) if x[0] != doc_id][:3]
+            others = [x[2] for x in rng.sample(other if cross_domain else sents, 12) if x[0] != doc_id][:3]
             if len(others) < 3:
                 continue
             text = texts[doc_id]
@@ -247,14 +303,14 @@ def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain:
             if len(picked) >= per_domain:
                 break
         rows += picked
-        print(f"  {d}: {len(picked)} next-sentence items from {len(sents)} sentences")
-    write_jsonl(out / "next_sentence.jsonl", rows)
-    (out / "lynx_ref_next_sentence.yaml").write_text(
-        yaml_header("lynx_ref_next_sentence", "next_sentence.jsonl", "multiple_choice")
+        print(f"  {d}: {len(picked)} {name} items from {len(sents)} sentences")
+    write_jsonl(out / f"{name}.jsonl", rows)
+    (out / f"lynx_ref_{name}.yaml").write_text(
+        yaml_header(f"lynx_ref_{name}", f"{name}.jsonl", "multiple_choice")
         + 'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
         + "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
         + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
-    print(f"next_sentence: {len(rows)} items")
+    print(f"{name}: {len(rows)} items")
 
 
 def main():
@@ -276,6 +332,8 @@ def main():
     build_last_word(corpus, out, random.Random(SEED + 2), freqs)
     build_next_word(corpus, out, random.Random(SEED + 3))
     build_next_sentence(corpus, out, random.Random(SEED + 4))
+    build_wn_pos(corpus, out, random.Random(SEED + 5))
+    build_next_sentence(corpus, out, random.Random(SEED + 6), cross_domain=True, name="continuation")
 
 
 if __name__ == "__main__":
