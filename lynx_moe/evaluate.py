@@ -229,13 +229,19 @@ def format_table(results: list[dict]) -> str:
     speed = "speed" in results[0]
     lines = [f"{'policy':<36} {'distinct':>8} {'saved':>6} {'ppl':>8} {'ppl change % [95% CI]':>24} "
              f"{'KL':>7} {'top1':>6} {'greedy':>6} {'1st div':>7}" + (f" {'speedup':>7} {'bound':>6}" if speed else "")]
-    for r in results:
+    for i, r in enumerate(results):
         rt, p, g = r["routing"], r.get("perplexity"), r.get("greedy")
-        lines.append(f"{r['policy'][:36]:<36} {rt['distinct']:>8.1f} {100 * rt['saved']:>5.1f}% "
+        label = r["policy"] if i == 0 else f"[{i}] {r['policy']}"
+        lines.append(f"{label[:36]:<36} {rt['distinct']:>8.1f} {100 * rt['saved']:>5.1f}% "
                      + (f"{p['ppl']:>8.2f} {_ci(p['delta_pct']):>24} {p['kl']:>7.4f} {100 * p['top1_agreement']:>5.1f}%"
                         if p else f"{'-':>8} {'-':>24} {'-':>7} {'-':>6}")
                      + (f" {100 * g['agreement']:>5.1f}% {g['first_divergence']:>7.1f}" if g else f" {'-':>6} {'-':>7}")
                      + (f" {_x(r['speed']['speedup']):>7} {_x(r['speed']['bound_speedup']):>6}" if speed else ""))
+    if "perplexity" in results[0] and len(results) > 1:
+        lines.append("perplexity by domain: native, then the change in % for policy [1], [2], ... (rows above)")
+        for d, ppl in results[0]["perplexity"]["by_domain"].items():
+            changes = [100 * (r["perplexity"]["by_domain"][d] / ppl - 1) for r in results[1:]]
+            lines.append(f"  {d[:14]:<14} {ppl:>9.2f} " + " ".join(f"[{i + 1}] {c:+.2f}" for i, c in enumerate(changes)))
     for name, t in results[0].get("tasks", {}).items():
         lines.append(f"task {name} (n={t['n']}, chance {100 * t['chance']:.1f}%, native acc "
                      f"{100 * t['acc_native']:.1f}%): accuracy change, points [95% CI]")

@@ -283,7 +283,8 @@ def _add_perplexity(results, acc, stats, domains, cfg) -> None:
 
 
 def _first_routing(r: dict) -> dict:
-    """Headline routing numbers: the perplexity run's (B full rows every step) if there was one."""
+    """Headline routing numbers when there was no perplexity run (whose B full rows per step
+    make the headline otherwise): the greedy run's, else the first task's."""
     if "greedy" in r:
         return r["greedy"]["routing"]
     tasks = list(r.get("tasks", {}).values())
