@@ -243,12 +243,17 @@ def format_table(results: list[dict]) -> str:
             changes = [100 * (r["perplexity"]["by_domain"][d] / ppl - 1) for r in results[1:]]
             lines.append(f"  {d[:14]:<14} {ppl:>9.2f} " + " ".join(f"[{i + 1}] {c:+.2f}" for i, c in enumerate(changes)))
     for name, t in results[0].get("tasks", {}).items():
-        lines.append(f"task {name} (n={t['n']}, chance {100 * t['chance']:.1f}%, native acc "
-                     f"{100 * t['acc_native']:.1f}%): accuracy change, points [95% CI]")
+        lines.append(f"task {name} (n={t['n']}, {t['metric']}, chance {100 * t['chance']:.1f}%, native "
+                     f"{100 * t['acc_native']:.1f}%): change, points [95% CI]")
         for r in results[1:]:
             tr = r["tasks"][name]
             lines.append(f"  {r['policy'][:34]:<34} {_ci(tr['delta_points']):>24}   acc {100 * tr['acc']:.1f}%"
                          f"   distinct {tr['routing']['distinct']:.1f}")
+    if "tasks_pooled" in results[0]:
+        t = results[0]["tasks_pooled"]
+        lines.append(f"all task items pooled (n={t['n']}, native {100 * t['acc_native']:.1f}%): change, points [95% CI]")
+        for r in results[1:]:
+            lines.append(f"  {r['policy'][:34]:<34} {_ci(r['tasks_pooled']['delta_points']):>24}")
     return "\n".join(lines)
 
 
@@ -291,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
         summary_bench = {k: v for k, v in bench.items() if k != "results"}
     summary = {"model": str(path), "experts": E, "top_k": K, "preset": preset_name, "config": asdict(cfg),
                "threads": torch.get_num_threads(), "dtype": dtype,
-               "tasks": {t.name: {k: results[0]["tasks"][t.name][k] for k in ("kind", "n", "chance")}
+               "tasks": {t.name: {k: results[0]["tasks"][t.name][k] for k in ("kind", "metric", "n", "chance")}
                          | {"source": t.source} for t in tasks},
                "results": results}
     if args.speed:

@@ -156,6 +156,9 @@ def _choice_task(model, policies, task, tokenizer, cfg, pad_id, bar) -> tuple[di
                 i, c = pairs[j]
                 scores[name][i][c] = sc.row_logprobs(r).double().sum().item()
             bar.update()
+    if task.metric == "acc_norm":   # lm-eval's acc_norm: log-likelihood per byte of the choice
+        scores = {n: [[v / max(1, len(ch.encode("utf-8"))) for v, ch in zip(s, it["choices"])]
+                      for s, it in zip(sc, items)] for n, sc in scores.items()}
     correct = {n: torch.tensor([float(max(range(len(s)), key=s.__getitem__) == it["label"])
                                 for s, it in zip(sc, items)]) for n, sc in scores.items()}
     return correct, {n: s.to_dict() for n, s in stats.items()}
@@ -230,16 +233,27 @@ def evaluate(model, tokenizer, policies: list, texts: dict[str, list[str]] | Non
             share, first = metrics.greedy_agreement(gens["native"], gens[name])
             r["greedy"] = {"agreement": round(share, 4), "first_divergence": round(first, 2),
                            "prompts": len(prompts), "tokens": cfg.gen_tokens, "routing": gstats[name]}
+    pooled: dict[str, list[torch.Tensor]] = {name: [] for name in named}
     for task in tasks:
         run_task = _choice_task if task.kind == "choice" else _generate_task
         correct, tstats = run_task(model, named, task, tokenizer, cfg, pad_id, bar)
         for name, r in results.items():
+            pooled[name].append(correct[name])
             delta = metrics.paired_bootstrap(correct["native"], correct[name], resamples=cfg.resamples, seed=cfg.seed)
             r.setdefault("tasks", {})[task.name] = {
-                "kind": task.kind, "n": len(task.items), "chance": round(task.chance, 4),
+                "kind": task.kind, "metric": task.metric if task.kind == "choice" else "exact_match",
+                "n": len(task.items), "chance": round(task.chance, 4),
                 "acc": round(correct[name].mean().item(), 4), "acc_native": round(correct["native"].mean().item(), 4),
                 "delta_points": delta.to_dict(scale=100, digits=2), "routing": tstats[name]}
     bar.close()
+    if len(tasks) > 1:   # all items of all tasks together: one tighter interval for "points lost"
+        nat = torch.cat(pooled["native"])
+        for name, r in results.items():
+            pol = torch.cat(pooled[name])
+            delta = metrics.paired_bootstrap(nat, pol, resamples=cfg.resamples, seed=cfg.seed)
+            r["tasks_pooled"] = {"n": len(nat), "acc": round(pol.mean().item(), 4),
+                                 "acc_native": round(nat.mean().item(), 4),
+                                 "delta_points": delta.to_dict(scale=100, digits=2)}
     for r in results.values():
         r.setdefault("routing", _first_routing(r))
     out = list(results.values())
@@ -262,8 +276,9 @@ def _heldout(texts, tokenizer, cfg):
 
 def _limited(task, limit: int):
     from .tasks import Task
-    return task if len(task.items) <= limit else Task(task.name, task.kind, task.items[:limit],
-                                                      task.max_new_tokens, task.source, task.until)
+    if len(task.items) <= limit:
+        return task
+    return Task(task.name, task.kind, task.items[:limit], task.max_new_tokens, task.source, task.until, task.metric)
 
 
 def _add_perplexity(results, acc, stats, domains, cfg) -> None:

@@ -5,7 +5,9 @@ model's ``eval/*.yaml``), so ``lynx eval`` and ``lynx lm-eval`` score the same i
 
 - ``output_type: multiple_choice`` -> ``Task(kind="choice")``: ``doc_to_text`` is the context,
   ``doc_to_choice`` the candidate continuations, ``doc_to_target`` the right one's index;
-  chance = mean of 1 / number of choices.
+  chance = mean of 1 / number of choices. The headline metric is ``acc_norm`` (log-likelihood
+  per byte of the choice, as lm-eval computes it) when the task's ``metric_list`` has it, else
+  ``acc`` (summed log-likelihood).
 - ``output_type: generate_until`` -> ``Task(kind="generate")``: ``doc_to_target`` is the
   answer, scored by exact match of the first generated word; "chance" is the share of items
   whose answer is the most common answer (what always giving that answer would score).
@@ -41,6 +43,7 @@ class Task:
     max_new_tokens: int = 8
     source: str = ""
     until: tuple[str, ...] = ()        # generation stops at the first of these (lm-eval's ``until``)
+    metric: str = "acc"                # "acc", or "acc_norm" (log-likelihood per byte of the choice)
     chance: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -117,7 +120,11 @@ def _task_from_yaml(path: Path) -> Task | None:
     gen = spec.get("generation_kwargs") or {}
     until = gen.get("until") or ()
     until = (until,) if isinstance(until, str) else tuple(str(u) for u in until)
-    return Task(str(spec["task"]), kind, items, int(gen.get("max_gen_toks", 8)), str(data), until)
+    # The headline metric: acc_norm where the task lists it (choices of unequal length, where
+    # summed log-likelihood favours short ones), else acc / exact match.
+    metrics = [m.get("metric") for m in spec.get("metric_list") or [] if isinstance(m, dict)]
+    metric = "acc_norm" if kind == "choice" and "acc_norm" in metrics else "acc"
+    return Task(str(spec["task"]), kind, items, int(gen.get("max_gen_toks", 8)), str(data), until, metric)
 
 
 def load_tasks(eval_dir: Path) -> dict[str, Task]:

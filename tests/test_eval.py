@@ -222,6 +222,8 @@ def test_native_equal_policy_gives_zero_loss(loaded, tiny_dir):
     assert same["greedy"]["agreement"] == 1 and same["greedy"]["first_divergence"] == 4
     for name, t in same["tasks"].items():
         assert t["acc"] == t["acc_native"] and t["delta_points"] == {"value": 0, "lo": 0, "hi": 0}
+    assert same["tasks_pooled"]["delta_points"] == {"value": 0, "lo": 0, "hi": 0}
+    assert same["tasks_pooled"]["n"] == 8 + 6
     assert native["tasks"]["tiny_mc"]["chance"] == 0.25
     # decode rows were counted: B rows per step in the perplexity run (8 rows, 2 whole batches)
     assert native["routing"]["steps"] == 2 * 8 and native["routing"]["rows_per_step"] == 4
