@@ -104,12 +104,12 @@ def _table(rows: list[dict], tasks: dict) -> str:
     """Compact: the pooled task change with its interval, then each task's change (intervals are
     in summary.json)."""
     short = {t: t.removeprefix("lynx_ref_")[:10] for t in tasks}
-    head = (f"{'policy':<32} {'distinct':>8} {'saved':>6} {'tok/s':>6} {'speedup':>7} {'bound':>6} {'ppl':>7} "
+    head = (f"{'policy':<34} {'distinct':>8} {'saved':>6} {'tok/s':>6} {'speedup':>7} {'bound':>6} {'ppl':>7} "
             f"{'ppl chg % [CI]':>21} {'greedy':>6} {'tasks pts [CI]':>19}" + "".join(f" {short[t]:>10}" for t in tasks))
     lines = [head]
     for r in rows:
         p, q = r["ppl_change_pct"], r["tasks_pooled"]
-        line = (f"{r['policy'][:32]:<32} {r['distinct']:>8.1f} {100 * r['saved']:>5.1f}% "
+        line = (f"{r['policy'][:34]:<34} {r['distinct']:>8.1f} {100 * r['saved']:>5.1f}% "
                 f"{r['tokens_per_s'] or 0:>6.0f} {r['speedup'] or 0:>6.2f}x {r['bound_speedup'] or 0:>5.2f}x "
                 f"{r['ppl']:>7.2f} {p['value']:>+6.2f} [{p['lo']:+.2f},{p['hi']:+.2f}] "
                 f"{100 * r['greedy_agreement']:>5.1f}%")
