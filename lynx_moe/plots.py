@@ -2,7 +2,8 @@
 
 - ``distinct_per_layer``: distinct experts per MoE layer and decode step, one bar per policy;
 - ``quality_vs_saved``: quality change against the share of distinct experts saved, one point
-  per policy setting, with 95 % intervals: perplexity change, and accuracy change per task.
+  per policy setting, with 95 % intervals: perplexity change, and accuracy change over all
+  task items (each task's change as a small mark beside it).
 
 Both take the result dicts of ``lynx_moe.quality.evaluate`` and write with the Agg backend
 (no display needed). matplotlib is imported on first use.
@@ -81,21 +82,22 @@ def quality_vs_saved(results: list[dict], path: Path, title: str = "") -> Path:
             x = 100 * r["routing"]["saved"]
             if panel == "ppl":
                 _point(ax, x, r["perplexity"]["delta_pct"], label[r["policy"]], color="C0")
-            else:
-                cis = [r["tasks"][t]["delta_points"] for t in tasks]
-                for j, ci in enumerate(cis):   # tasks side by side, one label per policy above them
-                    _point(ax, x + 0.3 * j, ci, "", color=f"C{j + 1}", marker="osD^v"[j % 5])
-                ax.annotate(label[r["policy"]], (x, max(ci["hi"] for ci in cis)), fontsize=6, rotation=45,
-                            xytext=(0, 4), textcoords="offset points")
+                continue
+            # Each task's change as a small mark; the pooled change (all items) with its interval.
+            for j, t in enumerate(tasks):
+                ax.plot([x], [r["tasks"][t]["delta_points"]["value"]], "osD^v<>p"[j % 8], color=f"C{j + 1}",
+                        alpha=0.6, markersize=4)
+            if "tasks_pooled" in r:
+                _point(ax, x, r["tasks_pooled"]["delta_points"], label[r["policy"]], color="black")
         ax.set_xlabel("distinct experts saved per decode step (%)")
         if panel == "ppl":
             ax.set_ylabel("perplexity change (%)  [worse ->]")
             ax.set_title("Perplexity vs experts saved", fontsize=10)
         else:
             ax.set_ylabel("accuracy change (points)")
-            ax.set_title("Accuracy vs experts saved, per task", fontsize=10)
+            ax.set_title("Accuracy vs experts saved (black: all task items, 95 % CI)", fontsize=10)
             for j, t in enumerate(tasks):
-                ax.plot([], [], "osD^v"[j % 5], color=f"C{j + 1}", label=t)
+                ax.plot([], [], "osD^v<>p"[j % 8], color=f"C{j + 1}", alpha=0.6, label=t)
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
