@@ -137,9 +137,14 @@ def distinct_experts(model, tok, seqs, batch_sizes=(1, 8, 32, 64), prompt=32, st
 
 
 @torch.no_grad()
-def mc_accuracy(model, tok, items, ctx_key, batch=32):
-    """lm-eval style: loglikelihood of each choice given BOS + context; acc and acc_norm (by char length)."""
+def mc_accuracy(model, tok, items, ctx_key, batch=32, mutual_info=False):
+    """lm-eval style: loglikelihood of each choice given BOS + context; acc and acc_norm (by char length);
+    with mutual_info also acc_mutual_info (loglik given context minus loglik given BOS only)."""
     reqs = []
+    if mutual_info:
+        for qi, it in enumerate(items):
+            for ci, ch in enumerate(it["choices"]):
+                reqs.append((-1 - qi, ci, [tok.bos_token_id] + tok(ch, add_special_tokens=False)["input_ids"], 1))
     for qi, it in enumerate(items):
         ctx = [tok.bos_token_id] + tok(it[ctx_key], add_special_tokens=False)["input_ids"]
         for ci, ch in enumerate(it["choices"]):
@@ -161,13 +166,17 @@ def mc_accuracy(model, tok, items, ctx_key, batch=32):
             qi, ci, whole, n_ctx = reqs[i]
             tgt = torch.tensor(whole[n_ctx:])
             scores[(qi, ci)] = float(lp[r, n_ctx - 1:len(whole) - 1].gather(-1, tgt[:, None]).sum())
-    acc = acc_norm = 0
+    acc = acc_norm = acc_mi = 0
     by_dom = {}
     for qi, it in enumerate(items):
         ll = np.array([scores[(qi, ci)] for ci in range(len(it["choices"]))])
         lens = np.array([len(c) for c in it["choices"]], dtype=float)
         hit = int(np.argmax(ll) == it["label"])
         acc += hit
+        if mutual_info:
+            unc = np.array([scores[(-1 - qi, ci)] for ci in range(len(it["choices"]))])
+            hit = int(np.argmax(ll - unc) == it["label"])  # per-domain breakdown uses acc_mutual_info
+            acc_mi += hit
         acc_norm += int(np.argmax(ll / lens) == it["label"])
         d = it.get("domain")
         if d:
@@ -177,6 +186,8 @@ def mc_accuracy(model, tok, items, ctx_key, batch=32):
     res = {"n": n, "acc": round(acc / n, 4), "acc_norm": round(acc_norm / n, 4),
            "chance": round(float(np.mean([1 / len(it["choices"]) for it in items])), 4),
            "majority_label_share": round(max(labels.count(c) for c in set(labels)) / n, 4)}
+    if mutual_info:
+        res["acc_mutual_info"] = round(acc_mi / n, 4)
     if by_dom:
         res["acc_by_domain"] = {d: round(float(np.mean(v)), 3) for d, v in sorted(by_dom.items())}
     return res
@@ -308,7 +319,8 @@ def render(m, cfg, repo: Path) -> str:
     for name, r in t.items():
         short = name.removeprefix("lynx_ref_")
         if "acc" in r:
-            res = f"acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f}"
+            res = f"acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f}" + (
+                f", **acc_mutual_info {r['acc_mutual_info']:.3f}**" if "acc_mutual_info" in r else "")
             ch = f"{r['chance']:.2f}" + (f" (majority label {r['majority_label_share']:.2f})"
                                          if r["majority_label_share"] > r["chance"] + 0.03 else "")
             task_rows.append([f"{name} (multiple choice)", r["n"], res, ch])
@@ -504,6 +516,7 @@ the sequence of batches and the initialisation are.
 
 MC_TASKS = [("wn_gloss", "query"), ("wn_pos", "query"), ("last_word", "context"), ("next_sentence", "context"),
             ("continuation", "context")]
+MUTUAL_INFO_TASKS = {"next_sentence", "continuation"}
 TASK_DESC = {
     "wn_gloss": 'prompt `"<word> (<pos>):"` → the WordNet definition of that synset vs. 3 definitions of other test '
                 'synsets with the same part of speech',
@@ -589,7 +602,8 @@ def main():
     metrics["tasks"] = {}
     for name, key in MC_TASKS:
         if (ev / f"{name}.jsonl").exists():
-            metrics["tasks"][f"lynx_ref_{name}"] = mc_accuracy(model, tok, lim(read_jsonl(ev / f"{name}.jsonl")), key)
+            metrics["tasks"][f"lynx_ref_{name}"] = mc_accuracy(model, tok, lim(read_jsonl(ev / f"{name}.jsonl")), key,
+                                                                mutual_info=name in MUTUAL_INFO_TASKS)
             print(name, metrics["tasks"][f"lynx_ref_{name}"], flush=True)
     if (ev / "next_word.jsonl").exists():
         metrics["tasks"]["lynx_ref_next_word"] = gen_accuracy(model, tok, lim(read_jsonl(ev / "next_word.jsonl")))

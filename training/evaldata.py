@@ -12,8 +12,9 @@ Writes (all small JSONL + lm-evaluation-harness 0.4.13 YAML task files):
                             among 4 candidates of similar corpus frequency (chance 0.25)
 * next_sentence.jsonl     - multiple choice: held-out context -> the true next sentence among 4 (the
                             others from other test documents of the same domain; chance 0.25)
-* next_word.jsonl         - generation: held-out context -> last word of the sentence (exact match); only
-                            sentences whose last word already occurs in the context (evidence available)
+* next_word.jsonl         - generation: held-out context -> next word (exact match), at positions where that
+                            word is the clear majority continuation of the two preceding words in the TRAIN
+                            split, excluding the 150 most frequent words (a "predictable next word"; chance ~0)
 * continuation.jsonl      - like next_sentence, but the 3 distractors come from other domains (chance 0.25)
 Run lm-eval from the repo root with ``--include_path models/lynx-ref-moe/eval``.
 """
@@ -248,9 +249,67 @@ def build_last_word(corpus: Path, out: Path, rng: random.Random, freqs, per_doma
     print(f"last_word: {len(rows)} items")
 
 
-def build_next_word(corpus: Path, out: Path, rng: random.Random, per_domain: int = 200):
+def predictable_word_items(corpus: Path, rng: random.Random, per_domain: int, exclude=frozenset()):
+    """Positions in test documents whose next word is the clear majority continuation of the two preceding
+    words in the TRAIN split (>= 5 occurrences of the bigram, >= 50 % of them followed by that word)."""
+    tok_re = re.compile(r"[A-Za-z']+|[^A-Za-z'\s]")
+    cands = {}
+    need = set()
+    for d in TEXT_DOMAINS:
+        cs = []
+        for doc in docs(corpus, d, "test"):
+            text = doc["text"]
+            for m in re.finditer(r"(?<=[A-Za-z,] )([A-Za-z]{3,})\b", text):
+                start = m.start()
+                if start < 120:
+                    continue
+                prev = text[max(0, start - 60):start].split()
+                if len(prev) < 2 or not all(WORD.fullmatch(w) for w in prev[-2:]):
+                    continue
+                key = (prev[-2].lower(), prev[-1].lower())
+                cs.append((key, start, m.group(1), doc["id"], text))
+                need.add(key)
+        cands[d] = cs
+    follow = collections.defaultdict(collections.Counter)
+    for d in TEXT_DOMAINS:
+        for doc in docs(corpus, d, "train"):
+            ws = [w.lower() for w in tok_re.findall(doc["text"])]
+            for i in range(2, len(ws)):
+                if (ws[i - 2], ws[i - 1]) in need:
+                    follow[(ws[i - 2], ws[i - 1])][ws[i]] += 1
+    items = []
+    for d in TEXT_DOMAINS:
+        ok = []
+        for key, start, word, doc_id, text in cands[d]:
+            c = follow.get(key)
+            if not c:
+                continue
+            tot = sum(c.values())
+            top, n = c.most_common(1)[0]
+            if tot >= 5 and n / tot >= 0.5 and top == word.lower() and top not in exclude:
+                ctx = text[max(0, start - 320):start]
+                if start > 320:
+                    ctx = ctx[ctx.find(" ") + 1:]
+                ok.append((d, ctx.lstrip().rstrip(" "), word, doc_id))
+        rng.shuffle(ok)
+        per_doc = collections.Counter()
+        cap = max(3, math.ceil(3 * per_domain / max(1, len({c[3] for c in ok}))))
+        picked = []
+        for c in ok:
+            if per_doc[c[3]] < cap:
+                per_doc[c[3]] += 1
+                picked.append(c)
+            if len(picked) >= per_domain:
+                break
+        print(f"  {d}: {len(picked)} predictable-word items from {len(ok)} candidates")
+        items += picked
+    return items
+
+
+def build_next_word(corpus: Path, out: Path, rng: random.Random, freqs, per_domain: int = 180):
+    common = {w for w, _ in freqs.most_common(150)}  # no function words / very frequent words as answers
     rows = [{"domain": d, "context": ctx, "answer": word, "doc": doc_id}
-            for d, ctx, word, doc_id in sentence_items(corpus, rng, per_domain, answer_in_context=True)]
+            for d, ctx, word, doc_id in predictable_word_items(corpus, rng, per_domain, exclude=common)]
     write_jsonl(out / "next_word.jsonl", rows)
     (out / "lynx_ref_next_word.yaml").write_text(
         yaml_header("lynx_ref_next_word", "next_word.jsonl", "generate_until")
@@ -309,7 +368,8 @@ def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain:
         yaml_header(f"lynx_ref_{name}", f"{name}.jsonl", "multiple_choice")
         + 'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
         + "target_delimiter: \"\"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+        + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+        + "  - metric: acc_mutual_info\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
     print(f"{name}: {len(rows)} items")
 
 
@@ -330,7 +390,7 @@ def main():
         build_wn_gloss(corpus, out, random.Random(SEED + 1))
     freqs = word_freqs(corpus)
     build_last_word(corpus, out, random.Random(SEED + 2), freqs)
-    build_next_word(corpus, out, random.Random(SEED + 3))
+    build_next_word(corpus, out, random.Random(SEED + 3), freqs)
     build_next_sentence(corpus, out, random.Random(SEED + 4))
     build_wn_pos(corpus, out, random.Random(SEED + 5))
     build_next_sentence(corpus, out, random.Random(SEED + 6), cross_domain=True, name="continuation")
