@@ -331,6 +331,13 @@ def render(m, cfg, repo: Path) -> str:
                               f"scores {r['chance_most_frequent_answer']:.3f}"])
             by = r.get("exact_match_by_domain")
         task_notes.append(f"- `{short}`: {TASK_DESC.get(short, '')}." + (f" By domain: {by}." if by else ""))
+    for name, r in (m.get("dropped_tasks") or {}).items():
+        short = name.removeprefix("lynx_ref_")
+        main_metric = max((r.get(k, 0) for k in ("acc", "acc_norm", "acc_mutual_info")), default=0)
+        task_notes.append(f"- Dropped (below 1.5× chance, so useless for measuring accuracy loss): `{short}` "
+                          f"({TASK_DESC.get(short, '')}): best of acc/acc_norm/acc_mutual_info {main_metric:.3f} "
+                          f"on {r['n']} items vs chance {r['chance']:.2f}; `python -m training.evaldata --all-tasks` "
+                          f"rebuilds it.")
     task_notes = "\n".join(task_notes)
     task_list = ",".join(t) + ",lynx_ref_ppl"
     samples_txt = "\n".join(f"- `{s['prompt']!r}` → `{s['greedy'][:160]!r}`" for s in m.get("samples", []))
@@ -540,7 +547,14 @@ def main():
     ap.add_argument("--limit", type=int, default=0, help="debug: limit items per task / segments per domain")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="re-render README.md from metrics.json")
     args = ap.parse_args()
+    if args.render_only:
+        from transformers import AutoConfig
+
+        m = json.loads((Path(args.model) / "metrics.json").read_text())
+        (Path(args.model) / "README.md").write_text(render(m, AutoConfig.from_pretrained(args.model), REPO))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     mdir = Path(args.model)
