@@ -144,8 +144,8 @@ def _tiered_topk(sel: torch.Tensor, tier: torch.Tensor, k: int) -> torch.Tensor:
     tier times 2**44, plus the float32's order (its bits read as a monotone integer) times
     2**12, plus the reversed index (E <= 4096)."""
     E = sel.shape[1]
-    bits = sel.contiguous().view(torch.int32).double()
-    order = torch.where(bits < 0, -(2.0**31) - 1 - bits, bits)               # [-2**31, 2**31)
+    bits = sel.contiguous().view(torch.int32)
+    order = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).double()   # negative floats: flip magnitude
     rev = torch.arange(E - 1, -1, -1, dtype=torch.float64, device=sel.device)
     key = (tier * 2.0**32 + order) * 2.0**12 + rev
     return torch.topk(key, k, dim=-1).indices
