@@ -356,3 +356,22 @@ def test_static_cache_and_beam_search():
         model.generate(**inputs, num_beams=2, **kw)
     for s in lynx.routing_stats(model):  # 4 sequences x 2 beams, 3 decode steps
         assert s.decode_rows == 24 and s.distinct_policy < s.distinct_native
+
+
+def test_reference_model_topk_exact_and_fewer_experts():
+    # The trained reference model (if present): real, skewed router logits.
+    try:
+        path = lynx.reference_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    from transformers import AutoModelForCausalLM
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = copy.deepcopy(ref)
+    lynx.apply_(model, lynx.TopK())
+    inputs = batch(8, seed=15)
+    inputs["input_ids"] = inputs["input_ids"].clamp_max(ref.config.vocab_size - 1)
+    assert_same(model, ref, inputs)
+    lynx.apply_(model, lynx.presets.for_shape(*shape(model))[1])
+    greedy(model, batch(32, seed=16), n=4)
+    for s in lynx.routing_stats(model):
+        assert s.steps == 3 and s.distinct_policy < s.distinct_native
