@@ -42,13 +42,13 @@ import fnmatch
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .policies import Policy, TopK, parse_policy, policy_from_dict
 from .presets import for_shape
-from .routing import changed_assignments, distinct_experts, route
+from .routing import route
 
 __all__ = ["register", "Settings", "load_settings", "parse_spec", "decode_and_valid_masks", "stats", "set_policy",
            "PRESET", "SUPPORTED_VLLM"]
@@ -227,6 +227,23 @@ def _describe(layer: _Layer) -> None:
     layer.scoring, layer.grouped, layer.described = scoring, grouped, True
 
 
+class _Rows(NamedTuple):
+    """One forward step's rows: who votes, and the facts every layer's statistics need."""
+
+    decode: torch.Tensor   # [T] bool, valid decode rows
+    valid: torch.Tensor    # [T] bool
+    voters: int
+    mixed: bool            # some valid rows are prefill rows
+
+
+def _distinct(id_sets: tuple[torch.Tensor, ...], valid: torch.Tensor, E: int) -> list[int]:
+    """Distinct experts over the valid rows of each ``[T, K]`` id tensor (one host read)."""
+    ids = torch.stack(id_sets).long()                                               # [N, T, K]
+    ids = torch.where(valid[None, :, None], ids, E).flatten(1)
+    hit = torch.zeros(len(id_sets), E + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
+    return hit[:, :E].sum(dim=1).tolist()
+
+
 class _State:
     """Everything the plugin holds in one process: settings, the layers seen, statistics."""
 
@@ -237,7 +254,7 @@ class _State:
         self.layers: list[_Layer] = []
         self.steps = 0
         self._last_meta: Any = None
-        self._masks: tuple[Any, int, torch.Tensor, torch.Tensor] | None = None
+        self._rows: _Rows | None = None
         self._warned: set[str] = set()
         self._window: dict[int, list[int]] = {}
 
@@ -258,8 +275,9 @@ class _State:
             self._warned.add(reason)
             self.log.warning("lynx-moe: routing natively where %s", reason)
 
-    def masks(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(decode[T], valid[T]) for this forward step, cached per step; None: route natively."""
+    def rows(self, T: int, device: torch.device) -> _Rows | None:
+        """Which of this step's ``T`` rows vote, computed once per forward step (every MoE layer
+        of a step sees the same rows); None: route every row natively."""
         from vllm.forward_context import get_forward_context, is_forward_context_available
         if not is_forward_context_available():
             return None
@@ -270,11 +288,11 @@ class _State:
                 self.warn_once("rows are gathered across data/sequence-parallel ranks")
             return None
         if meta is not self._last_meta:   # a new forward step
-            self._last_meta, self._masks = meta, None
+            self._last_meta, self._rows = meta, None
             self.steps += 1
             self._maybe_log()
-        if self._masks is not None and self._masks[1] == T:
-            return self._masks[2], self._masks[3]
+        if self._rows is not None and self._rows.decode.shape[0] == T:
+            return self._rows
         first = next((m for m in meta.values() if hasattr(m, "query_start_loc") and hasattr(m, "seq_lens")), None)
         if first is None:
             self.warn_once("the attention metadata has no query_start_loc/seq_lens")
@@ -282,9 +300,8 @@ class _State:
         decode, valid = decode_and_valid_masks(
             T, first.query_start_loc, first.seq_lens,
             getattr(first, "num_actual_tokens", None), fc.is_padding)
-        decode, valid = decode.to(device), valid.to(device)
-        self._masks = (meta, T, decode, valid)
-        return decode, valid
+        self._rows = _Rows(decode.to(device), valid.to(device), int(decode.sum()), bool((valid & ~decode).any()))
+        return self._rows
 
     def apply(self, layer: _Layer, logits: torch.Tensor, w: torch.Tensor,
               ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,12 +311,8 @@ class _State:
         if layer.unsupported:
             self.warn_once(layer.unsupported)
             return w, ids
-        masks = self.masks(logits.shape[0], logits.device)
-        if masks is None:
-            return w, ids
-        decode, valid = masks
-        vote = decode & valid
-        if not bool(vote.any()):
+        rows = self.rows(logits.shape[0], logits.device)
+        if rows is None or rows.voters == 0:
             return w, ids
         policy = self.policy_for(layer)
         try:
@@ -308,28 +321,28 @@ class _State:
             self.warn_once(f"{policy} cannot run on a top-{layer.top_k} layer ({e})")
             return w, ids
         E = layer.num_experts or logits.shape[1]
-        native_d = int(distinct_experts(ids, valid, num_experts=E))
-        voters, mixed = int(vote.sum()), bool((valid & ~decode).any())
         if policy.kind == "native":
-            self._record(layer, native_d, native_d, 0, voters, mixed)
+            [native_d] = _distinct((ids,), rows.valid, E)
+            self._record(layer, native_d, native_d, 0, rows)
             return w, ids
-        r = route(logits, layer.top_k, policy, decode_mask=decode, valid_mask=valid, **layer.native_kwargs())
-        moved = (torch.sort(r.ids, dim=-1).values != torch.sort(r.native_ids, dim=-1).values).any(dim=-1)
-        take = r.vote & moved                                                        # [T]
-        new_ids = torch.where(take[:, None], r.ids.to(ids.dtype), ids).contiguous()
-        new_w = torch.where(take[:, None], r.weights.to(w.dtype), w).contiguous()
-        self._record(layer, native_d, int(distinct_experts(new_ids, valid, num_experts=E)),
-                     int(changed_assignments(new_ids, ids.long(), vote)), voters, mixed)
+        r = route(logits, layer.top_k, policy, decode_mask=rows.decode, valid_mask=rows.valid,
+                  **layer.native_kwargs())
+        # Compare with vLLM's own choice: a row whose expert set is unchanged keeps vLLM's result.
+        kept = (r.ids[:, :, None] == ids[:, None, :].long()).any(dim=-1)           # [T, K]
+        take = r.vote & ~kept.all(dim=-1)                                           # [T]
+        new_ids = torch.where(take[:, None], r.ids.to(ids.dtype), ids)
+        new_w = torch.where(take[:, None], r.weights.to(w.dtype), w)
+        native_d, policy_d = _distinct((ids, new_ids), rows.valid, E)
+        self._record(layer, native_d, policy_d, int((~kept & take[:, None]).sum()), rows)
         return new_w, new_ids
 
-    def _record(self, layer: _Layer, native_d: int, policy_d: int, changed: int, voters: int,
-                mixed: bool) -> None:
+    def _record(self, layer: _Layer, native_d: int, policy_d: int, changed: int, rows: _Rows) -> None:
         layer.steps += 1
-        layer.mixed += mixed
+        layer.mixed += rows.mixed
         layer.native_sum += native_d
         layer.policy_sum += policy_d
         layer.changed += changed
-        layer.voters += voters
+        layer.voters += rows.voters
         acc = self._window.setdefault(layer.index, [0, 0, 0])
         acc[0] += 1
         acc[1] += native_d
