@@ -283,7 +283,7 @@ def _plots(stats: dict, batch_sizes: list[int], out: Path) -> list[str]:
         for p, style in zip(sorted(ly["batch"][str(batch_sizes[0])].get("policy_distinct", {})), ("--", ":", "-.")):
             pm = [ly["batch"][str(B)]["policy_distinct"][p]["mean"] for B in batch_sizes]
             ax.plot(batch_sizes, pm, style, color=line[0].get_color(), alpha=0.7,
-                    label=f"layer {ly['layer']}: {p}" if ly["layer"] == 0 else None)
+                    label=f"{p} (offline; same colour per layer)" if ly["layer"] == 0 else None)
     ax.axhline(stats["num_experts"], color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(batch_sizes, [str(B) for B in batch_sizes])
