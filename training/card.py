@@ -341,6 +341,10 @@ def render(m, cfg, repo: Path) -> str:
                           f"`python -m training.evaldata --all-tasks` rebuilds it.")
     task_notes = "\n".join(task_notes)
     task_list = ",".join(t) + ",lynx_ref_ppl"
+    xc = m.get("lm_eval_crosscheck")
+    if xc:
+        task_notes += ("\n\nCross-check with lm-eval itself (`" + xc["command"] + "`): " + ", ".join(
+            f"{k} {v}" for k, v in xc["results"].items()) + ". " + xc.get("note", ""))
     samples_txt = "\n".join(f"- `{s['prompt']!r}` → `{s['greedy'][:160]!r}`" for s in m.get("samples", []))
     hv = tr.get("final_heldout_loss_validation") or {}
     curve = ", ".join(f"{s}: {l:.3f}" for s, l in tr.get("heldout_curve", []))
