@@ -74,4 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m lynx_moe.cli``: dispatch through the imported module, so that the
+    # UsageError subcommands raise is the one caught here.
+    from lynx_moe.cli import main as _main
+    sys.exit(_main())
