@@ -1,7 +1,8 @@
 """``lynx demo``: the whole story on the embedded reference model in one command.
 
-    lynx demo                 # about 5-10 minutes on a 2-core CPU
-    lynx demo --quick         # smaller samples, about half the time
+    lynx demo                 # 4.5 minutes on a quiet 2-core CPU (measured 266 s; 14 min when
+                              # the machine ran 4 other benchmarks at load 8-13)
+    lynx demo --quick         # smaller samples, 3 policies: 84 s
     lynx demo --out reports/my-demo
 
 At batch 32 it compares native routing with the authors' AffinityBinning preset for the
@@ -46,7 +47,7 @@ SIZES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="report folder (default reports/demo-<UTC time>)")
-    parser.add_argument("--quick", action="store_true", help="smaller samples and fewer policies (about half the time)")
+    parser.add_argument("--quick", action="store_true", help="smaller samples and fewer policies (about a third of the time)")
     parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)  # tests and other models
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="decode rows per step (default 32)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
