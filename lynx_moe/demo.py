@@ -47,7 +47,8 @@ SIZES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="report folder (default reports/demo-<UTC time>)")
-    parser.add_argument("--quick", action="store_true", help="smaller samples and fewer policies (about a third of the time)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller samples and fewer policies (about a third of the time)")
     parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)  # tests and other models
     parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="decode rows per step (default 32)")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
