@@ -375,3 +375,18 @@ def test_reference_model_topk_exact_and_fewer_experts():
     greedy(model, batch(32, seed=16), n=4)
     for s in lynx.routing_stats(model):
         assert s.steps == 3 and s.distinct_policy < s.distinct_native
+
+
+def test_stats_survive_switching_between_inference_mode_and_no_grad():
+    """Counts first made under inference_mode keep accumulating under no_grad (and back)."""
+    model = hf.tiny_model("olmoe")
+    lynx.apply_(model, lynx.AffinityBinning(3.0, 4))
+    ids = torch.randint(0, model.config.vocab_size, (4, 6))
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert all(layer.steps == 6 for layer in lynx.routing_stats(model))
+    lynx.remove_(model)

@@ -192,7 +192,8 @@ def _router_hook(module: nn.Module, args: tuple, out: Any) -> Any:
         result = (logits, torch.where(moved[:, None], r.weights.to(own_w.dtype), own_w), ids)
     if state.stats:
         step = _count(vote, own_ids, ids, logits.shape[1])
-        layer.counts = step if layer.counts is None else layer.counts.add_(step)
+        # Out of place: counts made under torch.inference_mode() cannot be updated in place later.
+        layer.counts = step if layer.counts is None else layer.counts + step
     return result
 
 
