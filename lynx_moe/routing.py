@@ -211,7 +211,6 @@ def route(
         # go to what the row had), other kept experts, then native ones for rows that keep
         # holds fewer than top_k of.
         tier = keep.double() * 2 + native_set
-        real = None
     else:
         counts = policy.counts(step)                                               # [T]
         own = torch.zeros_like(native_set).scatter(
@@ -222,8 +221,7 @@ def route(
     if num_expert_group is not None:
         tier = tier * torch.isfinite(sel)   # never leave the row's native groups
     ids = _tiered_topk(sel, tier, top_k)
-    if policy.kind == "row":
-        real = own.gather(1, ids)
+    real = own.gather(1, ids) if policy.kind == "row" else None   # False: a weight-0 filler
     w = _weights(x, ids, real, renormalize, scoring, mass, scale)
     if not everyone:
         ids = torch.where(vote[:, None], ids, nat_ids)
