@@ -252,7 +252,7 @@ def _summarise(B, res, step_bytes, context, bw) -> list[dict]:
                "distinct_per_layer": [round(d, 2) for d in distinct],
                "expert_mb_per_step": round(expert_b / 1e6, 1), "total_mb_per_step": round(total_b / 1e6, 1)}
         if bw is not None:
-            row["bound_ms"] = round(total_b / bw.gbps / 1e6, 2)
+            row["bound_ms"] = round(total_b / bw.gbps / 1e6, 4)
         out.append(row)
     # The speedup a purely memory-bound step would get: native bytes / policy bytes.
     for row, total_b in zip(out, totals):
