@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lynx_moe.cli import main
+from .cli_helpers import run_cli as _cli
 
 pytest.importorskip("transformers")
 
@@ -33,15 +33,6 @@ def data_file(tmp_path_factory) -> Path:
              for i, d in enumerate(["prose", "code", "verse"] * 2)]
     path.write_text("\n".join(json.dumps(rec) for rec in lines) + "\n")
     return path
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("command", ["profile", "bench"])

@@ -20,6 +20,8 @@ import lynx_moe as lynx
 from lynx_moe import metrics
 from lynx_moe.cli import main
 
+from .cli_helpers import run_cli as _cli
+
 pytest.importorskip("transformers")
 
 from lynx_moe.evaluate import expand_sweep  # noqa: E402
@@ -88,15 +90,6 @@ def _write_eval(d: Path) -> None:
 def loaded(tiny_dir):
     from lynx_moe.profile import load_model
     return load_model(tiny_dir)
-
-
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---------------------------------------------------------------------------------------

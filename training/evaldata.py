@@ -37,6 +37,22 @@ TEXT_DOMAINS = ["bible", "fortunes", "jargon", "foldoc", "python_docs", "perl_do
 WORD = re.compile(r"[A-Za-z]+")
 
 
+
+def _spread_over_documents(cands: list[tuple], per_domain: int, rng) -> list[tuple]:
+    """Shuffle candidates ``(domain, context, answer, doc_id)`` and take up to ``per_domain``,
+    at most a few per document, so no single long document dominates a task."""
+    rng.shuffle(cands)
+    per_doc = collections.Counter()
+    cap = max(3, math.ceil(3 * per_domain / max(1, len({c[3] for c in cands}))))
+    picked = []
+    for c in cands:
+        if per_doc[c[3]] < cap:
+            per_doc[c[3]] += 1
+            picked.append(c)
+        if len(picked) >= per_domain:
+            break
+    return picked
+
 def docs(corpus: Path, domain: str, split: str):
     with open(corpus / domain / f"{split}.jsonl", encoding="utf-8") as f:
         for line in f:
@@ -196,16 +212,7 @@ def sentence_items(corpus: Path, rng: random.Random, per_domain: int, answer_in_
                 if answer_in_context and not re.search(r"\b" + m.group(1) + r"\b", ctx, re.I):
                     continue
                 cands.append((d, ctx.lstrip(), m.group(1), doc["id"]))
-        rng.shuffle(cands)
-        per_doc = collections.Counter()
-        cap = max(3, math.ceil(3 * per_domain / max(1, len({c[3] for c in cands}))))
-        picked = []
-        for c in cands:
-            if per_doc[c[3]] < cap:
-                per_doc[c[3]] += 1
-                picked.append(c)
-            if len(picked) >= per_domain:
-                break
+        picked = _spread_over_documents(cands, per_domain, rng)
         items.extend(picked)
         print(f"  {d}: {len(picked)} sentence items from {len(cands)} candidates")
     return items
@@ -291,16 +298,7 @@ def predictable_word_items(corpus: Path, rng: random.Random, per_domain: int, ex
                 if start > 320:
                     ctx = ctx[ctx.find(" ") + 1:]
                 ok.append((d, ctx.lstrip().rstrip(" "), word, doc_id))
-        rng.shuffle(ok)
-        per_doc = collections.Counter()
-        cap = max(3, math.ceil(3 * per_domain / max(1, len({c[3] for c in ok}))))
-        picked = []
-        for c in ok:
-            if per_doc[c[3]] < cap:
-                per_doc[c[3]] += 1
-                picked.append(c)
-            if len(picked) >= per_domain:
-                break
+        picked = _spread_over_documents(ok, per_domain, rng)
         print(f"  {d}: {len(picked)} predictable-word items from {len(ok)} candidates")
         items += picked
     return items
