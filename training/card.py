@@ -4,11 +4,11 @@ Usage: python -m training.card [--model models/lynx-ref-moe] [--vllm]
 
 Everything is measured on the committed evaluation data (TEST split only, models/lynx-ref-moe/eval):
 * perplexity per domain on eval/heldout/<domain>.jsonl (BOS + segment, token level, fp32)
-* the quick-check perplexity (first 16 segments per domain) that tests/test_reference_model.py recomputes
+* the quick-check perplexity (first QUICK_SEGMENTS = 8 segments per domain) that tests/test_reference_model.py recomputes
 * expert load per layer (share of top-8 slots per expert) on the held-out text, per domain specialisation
 * mean distinct experts per layer per decode step for decode batches of 1/8/32/64 test sequences
   (32-token prompt, then 32 teacher-forced decode steps with KV cache; ids from forward hooks on mlp.gate)
-* task accuracies (wn_gloss, last_word: multiple choice; next_word: greedy generation, exact match)
+* task accuracies of the tasks shipped in eval/ (multiple choice and next_word greedy generation)
 """
 from __future__ import annotations
 
