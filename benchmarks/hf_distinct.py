@@ -5,7 +5,7 @@ and what the router hook and its counting cost per layer call.
     OMP_WAIT_POLICY=PASSIVE python benchmarks/hf_distinct.py --model models/lynx-ref-moe \
         --prompts models/lynx-ref-moe/eval/heldout/fortunes.jsonl --prompt-len 32
 
-For each architecture of ``lynx_moe.hf.tiny_model`` (random weights, hidden 64, real routing
+For each architecture of ``lynx_moe.measure.models.tiny_model`` (random weights, hidden 64, real routing
 shapes) a left-padded batch is generated greedily (EOS suppressed, so every row decodes) with
 ``TopK`` (native), the authors' AffinityBinning preset for the shape (``lynx.presets.for_shape``)
 and OEA (``k0 = max(1, K // 4)``), reading ``lynx.routing_stats``. Means are over decode steps
@@ -34,7 +34,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its t
 import torch  # noqa: E402
 
 import lynx_moe as lynx  # noqa: E402
-from lynx_moe import hf  # noqa: E402
+from lynx_moe.integrations import hf  # noqa: E402
+from lynx_moe.measure import models  # noqa: E402
 
 
 def random_prompts(B: int, length: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -50,7 +51,7 @@ def random_prompts(B: int, length: int, vocab: int, seed: int = 0) -> dict[str, 
 def timed_generate(model, inputs, new_tokens: int) -> list[float]:
     """Generate; return the µs of every decode-step router call (forward + the hooks before ours)."""
     B = inputs["input_ids"].shape[0]
-    routers = [r for _, r in hf.find_routers(model)]
+    routers = [layer.router for layer in hf.moe_layers(model)]
     starts: dict[int, float] = {}
     times: list[float] = []
 
@@ -93,8 +94,7 @@ def text_prompts(path: str, tokenizer_dir: str, B: int, length: int) -> dict[str
 
 
 def run_model(label: str, model, inputs: dict[str, torch.Tensor], new_tokens: int, rounds: int) -> dict:
-    router = hf.find_routers(model)[0][1]
-    E, K = int(router.num_experts), int(router.top_k)
+    E, K = hf.moe_shape(model)
     preset, ab = lynx.presets.for_shape(E, K)
     policies = {"native": lynx.TopK(), "affinity_binning": ab, "oea": lynx.OEA(k0=max(1, K // 4))}
     timed_generate(model, inputs, 2)  # warm-up
@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=12)
-    p.add_argument("--archs", default=",".join(hf.TINY_ARCHS))
+    p.add_argument("--archs", default=",".join(models.TINY_ARCHS))
     p.add_argument("--model", help="a local model folder instead of the tiny models (e.g. models/lynx-ref-moe)")
     p.add_argument("--prompts", help="with --model: JSONL (field 'text') or text file of prompts")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds; the best median is kept")
@@ -140,7 +140,7 @@ def main() -> None:
     else:
         rows = []
         for arch in args.archs.split(","):
-            model = hf.tiny_model(arch)
+            model = models.tiny_model(arch)
             inputs = random_prompts(args.batch, args.prompt_len, model.config.vocab_size)
             rows.append(run_model(arch, model, inputs, args.new_tokens, args.rounds))
 

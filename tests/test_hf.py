@@ -1,4 +1,4 @@
-"""The transformers patcher (lynx_moe.hf) on tiny random-weight models of all six architectures.
+"""The transformers patcher (lynx_moe.integrations.hf) on tiny random-weight models of all six architectures.
 
 Exactness is checked against an unmodified deep copy with ``torch.equal`` (atol=0). Run:
 ``OMP_WAIT_POLICY=PASSIVE pytest tests/test_hf.py -q``.
@@ -16,15 +16,16 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 import lynx_moe as lynx  # noqa: E402
-from lynx_moe import hf  # noqa: E402
+from lynx_moe.integrations import hf  # noqa: E402
+from lynx_moe.measure import models  # noqa: E402
 
-ARCHS = hf.TINY_ARCHS
+ARCHS = models.TINY_ARCHS
 EOS, PAD = 2, 0  # tiny models' special tokens
 
 
 @functools.lru_cache(maxsize=None)
 def _model(arch: str):
-    return hf.tiny_model(arch)
+    return models.tiny_model(arch)
 
 
 def fresh(arch: str):
@@ -32,7 +33,7 @@ def fresh(arch: str):
 
 
 def routers(model) -> list[torch.nn.Module]:
-    return [r for _, r in hf.find_routers(model)]
+    return [layer.router for layer in hf.moe_layers(model)]
 
 
 def shape(model) -> tuple[int, int]:
@@ -243,14 +244,14 @@ def test_counting_matches_the_core_functions():
         vote = torch.rand(32, generator=g) > 0.3
         want = [1, int(vote.sum()), int(lynx.distinct_experts(own, vote, E)), int(lynx.distinct_experts(ids, vote, E)),
                 int(lynx.changed_assignments(ids, own, vote))]
-        assert hf.patch._count(vote, own, ids, E).tolist() == want
-        assert hf.patch._count(torch.zeros(32, dtype=torch.bool), own, ids, E).tolist() == [0] * 5
+        assert hf._count(vote, own, ids, E).tolist() == want
+        assert hf._count(torch.zeros(32, dtype=torch.bool), own, ids, E).tolist() == [0] * 5
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "gpt_oss"])
 def test_bf16_and_eager_experts_keep_router_dtypes(arch):
     # Mixtral returns fp32 weights, Qwen3 casts them to the logits dtype, GPT-OSS softmaxes in it.
-    ref = hf.tiny_model(arch, dtype=torch.bfloat16)
+    ref = models.tiny_model(arch, dtype=torch.bfloat16)
     model = copy.deepcopy(ref)
     model.set_experts_implementation("eager")
     E, K = shape(model)
@@ -288,9 +289,9 @@ def _router_io(model, inputs) -> list[tuple[torch.nn.Module, tuple]]:
                                                                        ("deepseek_v3", {"norm_topk_prob": False})])
 def test_handler_reproduces_native_routing(arch, overrides):
     # The keywords given to lynx.route must describe the router's own semantics.
-    model = hf.tiny_model(arch, **overrides)
+    model = models.tiny_model(arch, **overrides)
     for router, (logits, w, ids) in _router_io(model, batch(8, seed=10)):
-        r = lynx.route(logits, ids.shape[1], lynx.TopK(), **hf.patch._handler(router)(router))
+        r = lynx.route(logits, ids.shape[1], lynx.TopK(), **hf._handler(router)(router))
         order, r_order = ids.sort(-1), r.ids.sort(-1)
         assert torch.equal(order.values, r_order.values)
         torch.testing.assert_close(w.float().gather(1, order.indices), r.weights.gather(1, r_order.indices))
@@ -313,7 +314,7 @@ def test_patched_router_output_is_route_or_own(arch):
     assert len(decode) == len(routers(model))
     for router, (logits, w, ids), (logits2, w2, ids2) in decode:
         assert logits2 is logits
-        r = lynx.route(logits, K, policy, **hf.patch._handler(router)(router))
+        r = lynx.route(logits, K, policy, **hf._handler(router)(router))
         same = (ids2.sort(-1).values == ids.sort(-1).values).all(-1)
         assert torch.equal(ids2[same], ids[same]) and torch.equal(w2[same], w[same])
         assert torch.equal(ids2[~same], r.ids[~same].to(ids.dtype))
@@ -379,7 +380,7 @@ def test_reference_model_topk_exact_and_fewer_experts():
 
 def test_stats_survive_switching_between_inference_mode_and_no_grad():
     """Counts first made under inference_mode keep accumulating under no_grad (and back)."""
-    model = hf.tiny_model("olmoe")
+    model = models.tiny_model("olmoe")
     lynx.apply_(model, lynx.AffinityBinning(3.0, 4))
     ids = torch.randint(0, model.config.vocab_size, (4, 6))
     with torch.inference_mode():

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import lynx_moe as lynx
-from lynx_moe.vllm_plugin import PRESET, decode_and_valid_masks, load_settings, set_policy, stats
+from lynx_moe.integrations.vllm import PRESET, decode_and_valid_masks, load_settings, set_policy, stats
 
 pytestmark = pytest.mark.vllm
 
@@ -56,7 +56,7 @@ def _build_tiny(out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from lynx_moe.hf import tiny_model
+    from lynx_moe.measure.models import tiny_model
 
     text = [f"the {w} brown fox number {i} jumps over the lazy dog {i * 7}" for i in range(400)
             for w in ("quick", "slow")]
@@ -313,7 +313,7 @@ def test_bad_settings_name_the_problem(env, message):
 def test_register_is_a_no_op_without_settings_and_idempotent(monkeypatch):
     from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
 
-    from lynx_moe import vllm_plugin
+    from lynx_moe.integrations import vllm as vllm_plugin
     monkeypatch.setattr(vllm_plugin, "_STATE", None)   # restored afterwards
     monkeypatch.delenv("LYNX_POLICY", raising=False)
     monkeypatch.delenv("LYNX_POLICY_FILE", raising=False)
@@ -333,7 +333,7 @@ def test_register_is_a_no_op_without_settings_and_idempotent(monkeypatch):
 def test_unsupported_vllm_version_is_a_clear_error(monkeypatch):
     import vllm
 
-    from lynx_moe import vllm_plugin
+    from lynx_moe.integrations import vllm as vllm_plugin
     monkeypatch.setattr(vllm_plugin, "_STATE", None)
     monkeypatch.setattr(vllm, "__version__", "0.99.1")
     monkeypatch.setenv("LYNX_POLICY", "topk")

@@ -1,4 +1,9 @@
-"""Evaluation data for ``lynx eval``: held-out text for perplexity and the accuracy tasks.
+"""What the measurements read: held-out text, token batches and the model's accuracy tasks.
+
+Held-out text is JSONL with a ``text`` field per line (``domain`` optional, else the file
+name): ``load_texts`` reads files or folders, ``default_data`` finds the text shipped with a
+model (``MODEL/eval/heldout``), ``token_batch`` cuts ``[rows, length]`` token ids for the
+routing recordings and benchmarks, and ``heldout_rows`` cuts the rows ``lynx eval`` scores.
 
 Tasks are read from the lm-evaluation-harness YAML files shipped with a model (the reference
 model's ``eval/*.yaml``), so ``lynx eval`` and ``lynx lm-eval`` score the same items:
@@ -13,8 +18,8 @@ model's ``eval/*.yaml``), so ``lynx eval`` and ``lynx lm-eval`` score the same i
   whose answer is the most common answer (what always giving that answer would score).
 
 Templates are ``{{field}}`` or a bare field name (anything else goes through jinja2, which
-lm-eval brings). ``loglikelihood_rolling`` tasks are the held-out text, which ``lynx eval``
-reads directly from ``eval/heldout/*.jsonl`` (see ``lynx_moe.profile.load_texts``).
+lm-eval brings). ``loglikelihood_rolling`` tasks are the held-out text, read directly.
+Bad input raises ValueError or FileNotFoundError naming the file.
 """
 
 from __future__ import annotations
@@ -26,11 +31,118 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Task", "load_tasks", "select_tasks", "heldout_rows"]
+import torch
+
+__all__ = ["encode", "load_texts", "default_data", "token_batch", "heldout_rows", "Task", "load_tasks",
+           "select_tasks", "default_eval_dir"]
 
 _FIELD = re.compile(r"^\s*\{\{\s*(\w+)\s*\}\}\s*$")
 _BARE = re.compile(r"^\s*(\w+)\s*$")
 
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens. Long texts are cut into rows afterwards,
+    so the tokenizer's "longer than the maximum length" warning is switched off."""
+    return tokenizer.encode(text, add_special_tokens=False, verbose=False)
+
+
+def load_texts(paths: list[Path]) -> dict[str, list[str]]:
+    """Texts by domain from JSONL files or folders of them (``domain`` field, else the file name)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.rglob("*.jsonl"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder of held-out text (JSONL)")
+    texts: dict[str, list[str]] = {}
+    for f in files:
+        for line in f.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line) if line.strip() else None
+            if isinstance(rec, dict) and isinstance(rec.get("text"), str) and rec["text"].strip():
+                texts.setdefault(str(rec.get("domain") or f.stem), []).append(rec["text"])
+    if not texts:
+        raise ValueError(f"no JSONL records with a 'text' field in {', '.join(map(str, paths))}")
+    return texts
+
+
+def _eval_dirs(model_path: Path) -> list[Path]:
+    """``MODEL/eval``, then the reference model's (for a model that ships none)."""
+    from .. import reference_model_path
+    dirs = [Path(model_path) / "eval"]
+    try:
+        dirs.append(reference_model_path() / "eval")
+    except FileNotFoundError:
+        pass
+    return dirs
+
+
+def default_data(model_path: Path) -> Path:
+    """The held-out text shipped with a model (``eval/heldout``, else ``eval``), or, for a
+    model without any, the reference model's per-domain test segments."""
+    candidates = _eval_dirs(model_path)
+    for eval_dir in candidates:
+        if (eval_dir / "heldout").is_dir():
+            return eval_dir / "heldout"
+        if eval_dir.is_dir():
+            return eval_dir
+    raise FileNotFoundError(f"no held-out text found for {model_path} (looked for {candidates[0]}): "
+                            "pass a JSONL file with a 'text' field per line")
+
+
+def default_eval_dir(model_path: Path) -> Path | None:
+    """The folder of lm-eval task YAMLs shipped with a model, else the reference model's."""
+    return next((c for c in _eval_dirs(model_path) if c.is_dir() and any(c.glob("*.yaml"))), None)
+
+
+def token_batch(texts: dict[str, list[str]], tokenizer, rows: int, length: int, vocab: int) -> torch.Tensor:
+    """``[rows, length]`` token ids: row i reads domain ``i % D``'s text stream (documents
+    joined) at its own offset, so a batch mixes domains like a server's would. Without a
+    tokenizer, UTF-8 bytes modulo the vocabulary stand in for tokens."""
+    domains = sorted(texts)
+    streams = {}
+    for d in domains:
+        joined = "\n\n".join(texts[d])
+        ids = encode(tokenizer, joined) if tokenizer is not None else list(joined.encode("utf-8"))
+        streams[d] = torch.tensor(ids, dtype=torch.long) % vocab
+    out = []
+    for i in range(rows):
+        s = streams[domains[i % len(domains)]]
+        if len(s) < length:
+            raise ValueError(f"domain {domains[i % len(domains)]!r} has only {len(s)} tokens; need {length} per row")
+        start = (i // len(domains)) * length % max(1, len(s) - length + 1)
+        out.append(s[start:start + length])
+    return torch.stack(out)
+
+
+def heldout_rows(texts: dict[str, list[str]], tokenizer, per_domain: int, length: int,
+                 min_length: int) -> tuple[list[list[int]], list[str]]:
+    """Token rows of ``length`` tokens, ``per_domain`` per domain, cut one after another from the
+    domain's segments joined by blank lines (so short segments still give full rows and every
+    decode step has all of a batch's rows); a domain that runs out ends with one shorter row of
+    at least ``min_length`` tokens. Rows are interleaved across domains so that every batch mixes
+    domains like a server's would. Returns ``(rows, domain of each row)``."""
+    by_domain = {}
+    for d in sorted(texts):
+        stream: list[int] = []
+        for text in texts[d]:
+            stream += encode(tokenizer, text.strip() + "\n\n")
+            if len(stream) >= per_domain * length:
+                break
+        rows = [stream[i:i + length] for i in range(0, min(len(stream), per_domain * length), length)]
+        by_domain[d] = [r for r in rows if len(r) >= min_length]
+    out, domains = [], []
+    for i in range(per_domain):
+        for d, rows in by_domain.items():
+            if i < len(rows):
+                out.append(rows[i])
+                domains.append(d)
+    return out, domains
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks
 
 @dataclass
 class Task:
@@ -151,28 +263,3 @@ def select_tasks(tasks: dict[str, Task], names: list[str]) -> list[Task]:
                              f"task {name!r} is ambiguous: {', '.join(t.name for t in hits)}")
         out.append(hits[0])
     return out
-
-
-def heldout_rows(texts: dict[str, list[str]], tokenizer, per_domain: int, length: int,
-                 min_length: int) -> tuple[list[list[int]], list[str]]:
-    """Token rows of ``length`` tokens, ``per_domain`` per domain, cut one after another from the
-    domain's segments joined by blank lines (so short segments still give full rows and every
-    decode step has all of a batch's rows); a domain that runs out ends with one shorter row of
-    at least ``min_length`` tokens. Rows are interleaved across domains so that every batch mixes
-    domains like a server's would. Returns ``(rows, domain of each row)``."""
-    by_domain = {}
-    for d in sorted(texts):
-        stream: list[int] = []
-        for text in texts[d]:
-            stream += tokenizer.encode(text.strip() + "\n\n", add_special_tokens=False)
-            if len(stream) >= per_domain * length:
-                break
-        rows = [stream[i:i + length] for i in range(0, min(len(stream), per_domain * length), length)]
-        by_domain[d] = [r for r in rows if len(r) >= min_length]
-    out, domains = [], []
-    for i in range(per_domain):
-        for d, rows in by_domain.items():
-            if i < len(rows):
-                out.append(rows[i])
-                domains.append(d)
-    return out, domains

@@ -26,7 +26,9 @@ import dataclasses
 
 import torch
 
-__all__ = ["Shape", "SHAPES", "get_shape", "build_stack", "routers", "LogitReplay"]
+from ..integrations.hf import moe_layers
+
+__all__ = ["Shape", "SHAPES", "get_shape", "shape_config", "build_stack", "LogitReplay"]
 
 
 # family -> (config class name, base model class name, config field for the expert width)
@@ -98,7 +100,9 @@ def get_shape(name: str) -> Shape:
         raise ValueError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}") from None
 
 
-def _config(shape: Shape, layers: int):
+def shape_config(shape: Shape, layers: int):
+    """The transformers config of ``shape`` with ``layers`` layers (vocabulary 1024; id 0 is
+    BOS, EOS and pad), for ``build_stack`` and for saving a full causal LM of the shape."""
     import transformers
     cfg_name, _, ffn_field = _FAMILIES[shape.family]
     experts_field = "num_local_experts" if shape.family == "mixtral" else "num_experts"
@@ -128,7 +132,7 @@ def build_stack(shape: Shape, layers: int | None = None, dtype: torch.dtype = to
     layers = shape.layers if layers is None else layers
     if layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")
-    cfg = _config(shape, layers)
+    cfg = shape_config(shape, layers)
     model_cls = getattr(transformers, _FAMILIES[shape.family][1])
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
@@ -138,15 +142,6 @@ def build_stack(shape: Shape, layers: int | None = None, dtype: torch.dtype = to
     finally:
         torch.set_default_dtype(previous)
     return model.to(dtype).eval()
-
-
-def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The router module of every MoE layer, in layer order (``mlp.gate`` / ``mlp.router``)."""
-    found = [m for m in model.modules() if type(m).__name__.lower().endswith(("topkrouter", "router"))
-             and isinstance(getattr(m, "weight", None), torch.Tensor)]
-    if not found:
-        raise ValueError(f"no MoE router modules found in {type(model).__name__}")
-    return found
 
 
 class LogitReplay:
@@ -159,7 +154,9 @@ class LogitReplay:
     """
 
     def __init__(self, model: torch.nn.Module, logits: torch.Tensor) -> None:
-        self.routers = routers(model)
+        self.routers = [layer.router for layer in moe_layers(model)]
+        if not self.routers:
+            raise ValueError(f"no MoE router that lynx_moe knows in {type(model).__name__}")
         E = self.routers[0].weight.shape[0]
         if logits.dim() != 4 or logits.shape[-1] != E:
             raise ValueError(f"recorded logits must be [layers, steps, rows, E={E}], got {tuple(logits.shape)}")

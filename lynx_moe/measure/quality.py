@@ -10,21 +10,31 @@ Per policy it returns routing counts (distinct experts per MoE layer and decode 
 ``lynx.routing_stats``; native's own count beside it), perplexity per domain and its change
 with a 95 % paired-bootstrap interval, KL(native || policy), top-1 agreement, greedy
 agreement, and per task the accuracy and its delta against native with an interval. The
-command line is ``lynx eval`` (``lynx_moe.evaluate``).
+command line is ``lynx eval`` (``lynx_moe.cli.eval``); ``expand_sweep`` turns a grid spec into
+policies, ``check_policies`` refuses policies a model cannot run before anything is measured.
 """
 
 from __future__ import annotations
 
-import sys
+import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..integrations import hf
+from ..policies import Policy, TopK, parse_policy
 from . import metrics
-from .scoring import greedy, prefill, teacher_forced
+from .data import Task, encode, heldout_rows
+from .decode import greedy, prefill, teacher_forced
 
-__all__ = ["EvalConfig", "evaluate"]
+__all__ = ["EvalConfig", "evaluate", "expand_sweep", "check_policies", "DEFAULT_SWEEP"]
+
+DEFAULT_SWEEP = "affinity_binning:alpha=1|3,beta=1|2|4"
+
+# progress(done, total): called after each batch x policy (the CLI draws a bar with it)
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -81,16 +91,27 @@ class _Stats:
                 "distinct_per_layer": [round(v, 3) for v in per_layer]}
 
 
+class _Bar:
+    """Counts finished batch x policy runs for ``progress``."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.done, self.total, self.progress = 0, total, progress
+
+    def update(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
 def _each_policy(model, policies: dict, stats: dict[str, _Stats], work):
     """Yield ``(name, work())`` for every policy, applied (with statistics) around the call."""
-    import lynx_moe as lynx
     for name, policy in policies.items():
-        lynx.apply_(model, policy, stats=True)
+        hf.apply_(model, policy, stats=True)
         try:
             out = work()
-            stats[name].add(lynx.routing_stats(model))
+            stats[name].add(hf.routing_stats(model))
         finally:
-            lynx.remove_(model)
+            hf.remove_(model)
         yield name, out
 
 
@@ -140,6 +161,7 @@ def _choice_task(model, policies, task, tokenizer, cfg, pad_id, bar) -> tuple[di
     items, so a batch's rows are as unrelated as a server's."""
     items = task.items
     enc = [_context_ids(tokenizer, it["context"], pad_id) for it in items]
+    choice_ids = [[encode(tokenizer, ch) or [pad_id] for ch in it["choices"]] for it in items]
     pairs = [(i, c) for g in _batches(len(items), cfg.batch_size)
              for c in range(max(len(items[i]["choices"]) for i in g)) for i in g if c < len(items[i]["choices"])]
     scores = {n: [[float("-inf")] * len(it["choices"]) for it in items] for n in policies}
@@ -147,8 +169,7 @@ def _choice_task(model, policies, task, tokenizer, cfg, pad_id, bar) -> tuple[di
     for idx in _batches(len(pairs), cfg.batch_size):
         rows, lens = [], []
         for i, c in (pairs[j] for j in idx):
-            cont = tokenizer.encode(items[i]["choices"][c], add_special_tokens=False) or [pad_id]
-            rows.append(enc[i] + cont)
+            rows.append(enc[i] + choice_ids[i][c])
             lens.append(len(enc[i]) - 1)   # the last context token is fed by the first decode step
         pre = prefill(model, rows, lens, pad_id)
         for name, sc in _each_policy(model, policies, stats, lambda: teacher_forced(model, pre, rows, lens)):
@@ -183,7 +204,7 @@ def _until(text: str, stops: tuple[str, ...]) -> str:
 def _context_ids(tokenizer, text: str, pad_id: int, max_len: int = 256) -> list[int]:
     """The context's last ``max_len`` tokens, at least 2 (one prefilled, one fed by the first
     decode step): a shorter one gets the EOS (document separator) in front."""
-    ids = tokenizer.encode(text, add_special_tokens=False)[-max_len:]
+    ids = encode(tokenizer, text)[-max_len:]
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_id
     return [sep] * max(0, 2 - len(ids)) + ids
 
@@ -197,19 +218,19 @@ def _task_batches(task, cfg) -> int:
 # ---------------------------------------------------------------------------------------
 # The evaluation
 
-def evaluate(model, tokenizer, policies: list, texts: dict[str, list[str]] | None, tasks: list,
-             cfg: EvalConfig = EvalConfig(), *, progress: bool = False) -> list[dict]:
+def evaluate(model, tokenizer, policies: list[Policy], texts: dict[str, list[str]] | None, tasks: list[Task],
+             cfg: EvalConfig = EvalConfig(), *, progress: Progress | None = None,
+             pool_above_chance: float = 0.0) -> list[dict]:
     """Quality of each policy against native routing (prepended as ``native``), in decode mode.
 
     ``texts``: held-out text by domain (perplexity, KL, greedy agreement; None skips them);
-    ``tasks``: ``lynx_moe.tasks.Task`` list. Returns one dict per policy, native first
-    (see the module docstring for what is in it).
+    ``tasks``: ``measure.data.Task`` list. Returns one dict per policy, native first
+    (see the module docstring for what is in it). ``tasks_pooled`` pools the items of every
+    task whose native accuracy is at least ``pool_above_chance`` x its chance level (default
+    0: all); a change on a task the model cannot do is noise, not a result.
     """
-    from tqdm import tqdm
-
-    import lynx_moe as lynx
     pad_id = _pad_id(model, tokenizer)
-    named = {"native": lynx.TopK(), **{str(p): p for p in policies}}
+    named = {"native": TopK(), **{str(p): p for p in policies}}
     n = len(named)
     rows, domains = [], []
     if texts:
@@ -221,7 +242,7 @@ def evaluate(model, tokenizer, policies: list, texts: dict[str, list[str]] | Non
     tasks = [t if cfg.limit is None else _limited(t, cfg.limit) for t in tasks]
     total = n * (len(_batches(len(rows), cfg.batch_size)) + len(_batches(len(prompts), cfg.batch_size))
                  + sum(_task_batches(t, cfg) for t in tasks))
-    bar = tqdm(total=total, desc="eval batches x policies", file=sys.stderr, disable=not progress, leave=False)
+    bar = _Bar(total, progress)
     results = {name: {"policy": name, "spec": p.to_dict()} for name, p in named.items()}
     t0 = time.perf_counter()
     if rows:
@@ -234,24 +255,27 @@ def evaluate(model, tokenizer, policies: list, texts: dict[str, list[str]] | Non
             r["greedy"] = {"agreement": round(share, 4), "first_divergence": round(first, 2),
                            "prompts": len(prompts), "tokens": cfg.gen_tokens, "routing": gstats[name]}
     pooled: dict[str, list[torch.Tensor]] = {name: [] for name in named}
+    pooled_tasks = []
     for task in tasks:
         run_task = _choice_task if task.kind == "choice" else _generate_task
         correct, tstats = run_task(model, named, task, tokenizer, cfg, pad_id, bar)
+        if correct["native"].mean().item() >= pool_above_chance * task.chance:
+            pooled_tasks.append(task.name)
+            for name in named:
+                pooled[name].append(correct[name])
         for name, r in results.items():
-            pooled[name].append(correct[name])
             delta = metrics.paired_bootstrap(correct["native"], correct[name], resamples=cfg.resamples, seed=cfg.seed)
             r.setdefault("tasks", {})[task.name] = {
                 "kind": task.kind, "metric": task.metric if task.kind == "choice" else "exact_match",
                 "n": len(task.items), "chance": round(task.chance, 4),
                 "acc": round(correct[name].mean().item(), 4), "acc_native": round(correct["native"].mean().item(), 4),
                 "delta_points": delta.to_dict(scale=100, digits=2), "routing": tstats[name]}
-    bar.close()
-    if len(tasks) > 1:   # all items of all tasks together: one tighter interval for "points lost"
+    if len(tasks) > 1 and pooled_tasks:   # items of all tasks together: one tighter interval for "points lost"
         nat = torch.cat(pooled["native"])
         for name, r in results.items():
             pol = torch.cat(pooled[name])
             delta = metrics.paired_bootstrap(nat, pol, resamples=cfg.resamples, seed=cfg.seed)
-            r["tasks_pooled"] = {"n": len(nat), "acc": round(pol.mean().item(), 4),
+            r["tasks_pooled"] = {"n": len(nat), "tasks": pooled_tasks, "acc": round(pol.mean().item(), 4),
                                  "acc_native": round(nat.mean().item(), 4),
                                  "delta_points": delta.to_dict(scale=100, digits=2)}
     for r in results.values():
@@ -270,12 +294,10 @@ def _pad_id(model, tokenizer) -> int:
 
 
 def _heldout(texts, tokenizer, cfg):
-    from .tasks import heldout_rows
     return heldout_rows(texts, tokenizer, cfg.ppl_per_domain, cfg.prefix + cfg.ppl_tokens + 1, cfg.prefix + 2)
 
 
 def _limited(task, limit: int):
-    from .tasks import Task
     if len(task.items) <= limit:
         return task
     return Task(task.name, task.kind, task.items[:limit], task.max_new_tokens, task.source, task.until, task.metric)
@@ -304,3 +326,54 @@ def _first_routing(r: dict) -> dict:
         return r["greedy"]["routing"]
     tasks = list(r.get("tasks", {}).values())
     return tasks[0]["routing"] if tasks else _Stats().to_dict()
+
+
+# ---------------------------------------------------------------------------------------
+# Which policies: sweep grids, and a check before anything runs
+
+def _values(field: str, text: str) -> list[str]:
+    if "|" in text:
+        return [v.strip() for v in text.split("|") if v.strip()]
+    if ".." not in text:
+        return [text.strip()]
+    lo_s, hi_s = (v.strip() for v in text.split("..", 1))
+    try:
+        lo, hi = float(lo_s), float(hi_s)
+    except ValueError:
+        raise ValueError(f"{field}: bad range {text!r}; expected e.g. 1..4 or 0.5..4") from None
+    if not 0 < lo <= hi:
+        raise ValueError(f"{field}: range {text!r} must have 0 < lo <= hi")
+    if lo.is_integer() and hi.is_integer() and "." not in lo_s + hi_s:
+        return [str(v) for v in range(int(lo), int(hi) + 1)]
+    vals, v = [], lo
+    while v < hi * (1 - 1e-9):
+        vals.append(f"{v:g}")
+        v *= 2
+    return vals + [f"{hi:g}"]
+
+
+def expand_sweep(spec: str, max_points: int = 64) -> list[Policy]:
+    """Policies of a grid spec, e.g. ``affinity_binning:alpha=0.5..4,beta=2|4`` (8 settings):
+    ``lo..hi`` is every integer between integer ends, else doublings from ``lo`` up to ``hi``;
+    ``a|b|c`` lists values."""
+    name, _, rest = spec.strip().partition(":")
+    fields = [item.split("=", 1) for item in rest.split(",") if item.strip()] if rest else []
+    if any(len(f) != 2 for f in fields):
+        raise ValueError(f"bad sweep spec {spec!r}: expected name:field=values,...")
+    grids = [[(k.strip(), v) for v in _values(k.strip(), vals)] for k, vals in fields]
+    combos = list(itertools.product(*grids))
+    if len(combos) > max_points:
+        raise ValueError(f"sweep {spec!r} has {len(combos)} settings; at most {max_points}")
+    return [parse_policy(name + (":" + ",".join(f"{k}={v}" for k, v in c) if c else "")) for c in combos]
+
+
+def check_policies(model, policies: list[Policy]) -> None:
+    """ValueError naming the policy when one cannot run on ``model`` (unsupported model,
+    top_k too small), before a long run starts."""
+    for p in policies:
+        try:
+            hf.apply_(model, p, stats=False)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
+        finally:
+            hf.remove_(model)

@@ -1,20 +1,60 @@
-"""Tiny random-weight MoE models of each supported architecture, built from configs offline.
+"""Every model the measurements run: a model folder, or a tiny random one per architecture.
 
-    model = lynx_moe.hf.tiny_model("olmoe")          # OlmoeForCausalLM, 64 experts top-8, ~1 M params
+    model, tokenizer = load_model(path)              # None: the embedded reference model
+    model = tiny_model("olmoe")                      # OlmoeForCausalLM, 64 experts top-8, ~1 M params
 
-They keep each architecture's real routing shape (experts x top-k, groups, shared experts,
-dense first layers) at hidden size 64, so tests, examples and benchmarks can exercise every
-router without a download. Their outputs are meaningless; only routing statistics and exact
-equivalence checks make sense on them.
+Tiny models keep each architecture's real routing shape (experts x top-k, groups, shared
+experts, dense first layers) at hidden size 64, so tests, examples and benchmarks can exercise
+every router without a download. Their outputs are meaningless; only routing statistics and
+exact equivalence checks make sense on them. (Realistic-shape stacks: ``measure.shapes``.)
+The MoE shape of any loaded model is ``lynx_moe.integrations.hf.moe_shape(model)``.
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["TINY_ARCHS", "tiny_config", "tiny_model"]
+__all__ = ["load_model", "TINY_ARCHS", "tiny_config", "tiny_model"]
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("this needs transformers: pip install 'lynx-moe[hf]'") from e
+    return transformers
+
+
+def load_model(path: Path | None = None, dtype: torch.dtype | None = None):
+    """``(model, tokenizer or None)`` from a local model folder (default: the reference model),
+    in eval mode. FileNotFoundError if it is not a model folder, ValueError if it cannot load."""
+    if path is None:
+        from .. import reference_model_path
+        path = reference_model_path()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model folder (no config.json there)")
+    transformers = _transformers()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: cannot load the model: {e}") from None
+    tokenizer = None  # token_batch falls back to bytes
+    # transformers 5 builds an empty tokenizer for a folder without one: look for files first.
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"cannot load the tokenizer in {path} ({e}); using bytes as tokens", stacklevel=2)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# Tiny random-weight models
 
 _COMMON: dict[str, Any] = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -40,14 +80,6 @@ _ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
                                      rope_parameters={"rope_type": "default", "rope_theta": 150000.0})),
 }
 TINY_ARCHS = tuple(_ARCHS)
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError("lynx_moe.hf.tiny needs transformers: pip install 'lynx-moe[hf]'") from e
-    return transformers
 
 
 def tiny_config(arch: str, **overrides: Any):

@@ -7,7 +7,7 @@
 Everything that is not a ``lynx serve`` option goes to vLLM's server unchanged. The
 server runs as a child process; the policy reaches vLLM's worker processes through
 ``LYNX_POLICY`` / ``LYNX_POLICY_FILE`` / ``LYNX_STATS_EVERY`` (read by
-``lynx_moe.vllm_plugin.register``, vLLM's ``general_plugins`` entry point). The settings are
+``lynx_moe.integrations.vllm.register``, vLLM's ``general_plugins`` entry point). The settings are
 checked here first, so a bad spec fails in a second, not after vLLM has started.
 SIGINT and SIGTERM are passed on to the server, which shuts down cleanly.
 """
@@ -20,6 +20,8 @@ import signal
 import subprocess
 import sys
 
+from . import UsageError
+
 __all__ = ["add_arguments", "run", "server_command"]
 
 
@@ -31,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="policy spec, e.g. affinity_binning:alpha=3,beta=4, topk (native), or 'preset' "
                              "(the authors' preset for each layer's shape; the default without --policy-file)")
     parser.add_argument("--policy-file", default=None, metavar="FILE",
-                        help="JSON with per-model policies (see lynx_moe.vllm_plugin.load_settings)")
+                        help="JSON with per-model policies (see lynx_moe.integrations.vllm.load_settings)")
     parser.add_argument("--stats-every", type=int, default=None, metavar="N",
                         help="log distinct experts per decode step every N forward steps (0: never; default 200)")
     # vLLM's own flags are open-ended, so unknown arguments are collected rather than rejected:
@@ -55,8 +57,7 @@ def server_command(model: str, vllm_args: list[str]) -> list[str]:
 
 
 def _settings_env(args: argparse.Namespace) -> dict[str, str]:
-    from .cli import UsageError
-    from .vllm_plugin import load_settings, parse_spec
+    from ..integrations.vllm import load_settings, parse_spec
     env: dict[str, str] = {}
     if args.policy is not None or args.policy_file is None:
         env["LYNX_POLICY"] = "preset" if args.policy is None else args.policy
@@ -64,23 +65,19 @@ def _settings_env(args: argparse.Namespace) -> dict[str, str]:
         env["LYNX_POLICY_FILE"] = os.path.abspath(args.policy_file)
     if args.stats_every is not None:
         env["LYNX_STATS_EVERY"] = str(args.stats_every)
-    try:
-        if args.policy is not None:
-            parse_spec(args.policy, f"--policy {args.policy!r}")
-        load_settings(env)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    if args.policy is not None:
+        parse_spec(args.policy, f"--policy {args.policy!r}")   # ValueError: a usage error
+    load_settings(env)
     return env
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UsageError
     rest = list(getattr(args, "vllm_args", []))
     env = _settings_env(args)
     if rest and not rest[0].startswith("-"):
         model = rest.pop(0)
     else:
-        from . import reference_model_path
+        from .. import reference_model_path
         try:
             model = str(reference_model_path())
         except FileNotFoundError as e:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .policies import POLICIES
-from .presets import PRESETS
+from ..policies import POLICIES, parse_policy
+from ..presets import PRESETS
 
 __all__ = ["add_arguments", "run"]
 
@@ -17,13 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UsageError
-    from .policies import parse_policy
     if args.spec is not None:
-        try:
-            print(parse_policy(args.spec))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        print(parse_policy(args.spec))   # a bad spec: ValueError, reported as a usage error
         return 0
     print("policies (spec: name:field=value,...):")
     for name, cls in POLICIES.items():

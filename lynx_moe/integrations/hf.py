@@ -45,9 +45,10 @@ import torch
 from torch import nn
 
 from ..policies import Policy
-from ..routing import route
+from ..routing import distinct_experts, route
 
-__all__ = ["SUPPORTED", "LayerStats", "find_routers", "apply_", "remove_", "applied", "routing_stats", "reset_stats"]
+__all__ = ["SUPPORTED", "MoeLayer", "moe_layers", "moe_shape", "LayerStats", "apply_", "remove_", "applied",
+           "routing_stats", "reset_stats"]
 
 _STATE = "_lynx_moe"  # attribute of the patched model (its _State) and of each patched router (its _Layer)
 
@@ -198,22 +199,41 @@ def _router_hook(module: nn.Module, args: tuple, out: Any) -> Any:
 
 
 def _count(vote: torch.Tensor, own_ids: torch.Tensor, ids: torch.Tensor, E: int) -> torch.Tensor:
-    """[5] int64: step has votes, voting rows, distinct experts own / final, changed slots.
-
-    Same numbers as ``distinct_experts`` and ``changed_assignments`` on the voting rows, in
-    one scatter (~20% fewer small ops; this runs on every decode call of every layer).
-    """
-    pair = torch.stack([own_ids, ids]).long().masked_fill(~vote[None, :, None], E).flatten(1)  # [2, T*K]
-    hit = torch.zeros(2, E + 1, dtype=torch.bool, device=ids.device).scatter_(1, pair, True)
+    """[5] int64: step has votes, voting rows, distinct experts own / final, changed slots
+    (``changed_assignments`` on the voting rows); this runs on every decode call of every layer."""
+    distinct = distinct_experts(torch.stack([own_ids, ids]), vote, E)                          # [2]
     moved = ((ids[:, :, None] != own_ids[:, None, :]).all(dim=-1) & vote[:, None]).sum()       # [T, K] -> []
     n = vote.sum()
-    return torch.cat([(n > 0).long()[None], n[None], hit[:, :E].sum(dim=1), moved[None]])
+    return torch.cat([(n > 0).long()[None], n[None], distinct, moved[None]])
 
 
-def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, router)`` of every router module ``apply_`` would patch (each has ``num_experts``
-    and ``top_k``); empty for an unsupported model."""
-    return [(name, m) for name, m in model.named_modules() if _handler(m) is not None]
+class MoeLayer(NamedTuple):
+    """One MoE layer of a transformers model, as ``apply_`` sees it."""
+
+    name: str                   # router module name, e.g. "model.layers.3.mlp.gate"
+    router: nn.Module
+    experts: nn.Module | None   # the routed experts beside the router (``mlp.experts``)
+    num_experts: int            # E
+    top_k: int                  # K
+
+
+def moe_layers(model: nn.Module) -> list[MoeLayer]:
+    """Every MoE layer ``apply_`` would patch, in layer order; empty for an unsupported model.
+    The one place that knows where transformers keeps routers and experts."""
+    modules = dict(model.named_modules())
+    return [MoeLayer(name, m, getattr(modules.get(name.rpartition(".")[0]), "experts", None),
+                     int(m.num_experts), int(m.top_k))
+            for name, m in modules.items() if _handler(m) is not None]
+
+
+def moe_shape(model: nn.Module) -> tuple[int, int]:
+    """``(experts, top-k)`` of the model's MoE layers (read from its routers, so it works for
+    every supported architecture whatever its config calls them); ValueError if it has none."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE router that lynx_moe can patch; "
+                         f"supported architectures: {', '.join(SUPPORTED)} (transformers 5.x)")
+    return layers[0].num_experts, layers[0].top_k
 
 
 def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
@@ -229,10 +249,8 @@ def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
         raise ValueError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     if not isinstance(policy, Policy):
         raise ValueError(f"policy must be a lynx_moe policy (e.g. lynx.AffinityBinning()), got {policy!r}")
-    routers = find_routers(model)
-    if not routers:
-        raise ValueError(f"{type(model).__name__} has no MoE router that lynx_moe can patch; "
-                         f"supported architectures: {', '.join(SUPPORTED)} (transformers 5.x)")
+    moe_shape(model)   # ValueError for a model without a supported router
+    routers = [(layer.name, layer.router) for layer in moe_layers(model)]
     mine = getattr(model, _STATE, None)
     for name, router in routers:
         policy.check_top_k(int(router.top_k))

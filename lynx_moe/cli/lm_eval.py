@@ -1,6 +1,6 @@
 """``lynx lm-eval ARGS...``: lm-evaluation-harness's command line with the ``lynx-hf`` model.
 
-Registers ``lynx_moe.lm_eval_model.LynxHFLM`` as ``lynx-hf`` (lm-eval 0.4.13 cannot discover
+Registers ``lynx_moe.measure.lm_eval.LynxHFLM`` as ``lynx-hf`` (lm-eval 0.4.13 cannot discover
 third-party models) and hands every argument to lm-eval unchanged, so ``lynx lm-eval -h`` is
 lm-eval's help. Without ``--device`` on a machine without CUDA, ``--device cpu`` is added.
 
@@ -10,7 +10,7 @@ lm-eval's help. Without ``--device`` on a machine without CUDA, ``--device cpu``
 Inside ``policy=`` separate the spec's fields with ``;`` or ``+`` (lm-eval splits model_args
 on commas). Add ``decode_scoring=true`` to score loglikelihood (multiple-choice, perplexity)
 requests in decode mode, where the policy acts; by default lm-eval runs them as a prefill,
-which is routed natively (see ``lynx_moe.lm_eval_model``).
+which is routed natively (see ``lynx_moe.measure.lm_eval``).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import UsageError
     try:
-        from .lm_eval_model import register
         from lm_eval.__main__ import cli_evaluate
-    except ImportError as e:
-        raise UsageError(str(e)) from None
+    except ImportError:
+        raise ImportError("lynx lm-eval needs lm-eval: pip install 'lynx-moe[eval]'") from None
+
+    from ..measure.lm_eval import register
     register()
     argv = list(args.lm_eval_args)
     if argv[:1] == ["--"]:

@@ -4,7 +4,7 @@
         --model_args "pretrained=PATH,policy=affinity_binning:alpha=3;beta=4,dtype=bfloat16" \\
         --tasks gsm8k --device cpu --batch_size 32
 
-    import lm_eval, lynx_moe.lm_eval_model as lem
+    import lm_eval, lynx_moe.measure.lm_eval as lem
     lem.register()
     lm_eval.simple_evaluate(model="lynx-hf", model_args="pretrained=PATH,policy=oea:k0=2", tasks=[...])
 
@@ -19,7 +19,7 @@ batches of ``batch_size`` sequences through ``model.generate`` and so measure th
 (except the first new token, which comes from the prefill). Loglikelihood tasks (multiple
 choice, perplexity) run as one prefill forward per request in lm-eval and are therefore
 routed natively: their scores do not change with the policy. With ``decode_scoring=true``
-they are scored in decode mode instead (``lynx_moe.scoring``, as ``lynx eval`` does): each
+they are scored in decode mode instead (``lynx_moe.measure.decode``, as ``lynx eval`` does): each
 batch of ``batch_size`` requests prefills its contexts but the last token, then feeds that
 token and the continuation one decode step at a time, so every continuation token is
 predicted by a decode step with the whole batch voting (slower: one forward per token). After
@@ -42,7 +42,9 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the installed extras
     raise ImportError("the lm-eval integration needs lm-eval: pip install 'lynx-moe[eval]'") from e
 
-import lynx_moe as lynx
+from ..integrations import hf
+from ..policies import Policy, TopK, parse_policy, policy_from_dict
+from .decode import prefill, teacher_forced
 
 __all__ = ["MODEL_NAME", "LynxHFLM", "register", "parse_policy_arg"]
 
@@ -51,16 +53,16 @@ MODEL_NAME = "lynx-hf"
 log = logging.getLogger("lm_eval.lynx_hf")
 
 
-def parse_policy_arg(spec: Any) -> lynx.Policy:
+def parse_policy_arg(spec: Any) -> Policy:
     """A policy from a ``model_args`` value: a ``Policy``, a dict (``to_dict`` form), or a spec
     whose fields are separated by ``;`` or ``+`` (or ``,`` when given through the Python API)."""
     if spec is None or spec == "":
-        return lynx.TopK()
-    if isinstance(spec, lynx.Policy):
+        return TopK()
+    if isinstance(spec, Policy):
         return spec
     if isinstance(spec, dict):
-        return lynx.policy_from_dict(spec)
-    return lynx.parse_policy(str(spec).replace(";", ",").replace("+", ","))
+        return policy_from_dict(spec)
+    return parse_policy(str(spec).replace(";", ",").replace("+", ","))
 
 
 class LynxHFLM(HFLM):
@@ -70,12 +72,12 @@ class LynxHFLM(HFLM):
         self.policy = parse_policy_arg(policy)   # fail on a bad spec before loading anything
         self.decode_scoring = str(decode_scoring).strip().lower() in ("1", "true", "yes")
         super().__init__(pretrained=pretrained, **kwargs)
-        lynx.apply_(self.model, self.policy, stats=True)
+        hf.apply_(self.model, self.policy, stats=True)
         log.info("lynx-hf: routing decode steps with %s; loglikelihood requests %s", self.policy,
                  "scored in decode mode" if self.decode_scoring else "run as prefill and are routed natively")
 
     def _log_stats(self, what: str) -> None:
-        stats = lynx.routing_stats(self.model)
+        stats = hf.routing_stats(self.model)
         if stats and stats[0].steps:
             nat = sum(s.distinct_native for s in stats) / len(stats)
             pol = sum(s.distinct_policy for s in stats) / len(stats)
@@ -84,7 +86,7 @@ class LynxHFLM(HFLM):
                      stats[0].decode_rows / stats[0].steps, pol, nat)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        lynx.reset_stats(self.model)
+        hf.reset_stats(self.model)
         out = super().generate_until(requests, disable_tqdm=disable_tqdm)
         self._log_stats("generation")
         return out
@@ -93,7 +95,7 @@ class LynxHFLM(HFLM):
         if not self.decode_scoring:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         from tqdm import tqdm
-        lynx.reset_stats(self.model)
+        hf.reset_stats(self.model)
         bs = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 32)
         # Longest first, like lm-eval: similar lengths share a batch and padding stays small.
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
@@ -112,7 +114,6 @@ class LynxHFLM(HFLM):
 
     def _decode_scores(self, requests) -> list[tuple[float, bool]]:
         """``(sum of log p(continuation), continuation is greedy)`` per request, in decode mode."""
-        from .scoring import prefill, teacher_forced
         rows, lens, from_prefill = [], [], []
         for _, ctx, cont in requests:
             row = (list(ctx) + list(cont))[-(self.max_length + 1):]

@@ -46,9 +46,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .policies import Policy, TopK, parse_policy, policy_from_dict
-from .presets import for_shape
-from .routing import route
+from ..policies import Policy, TopK, parse_policy, policy_from_dict
+from ..presets import for_shape
+from ..routing import distinct_experts, route
 
 __all__ = ["register", "Settings", "load_settings", "parse_spec", "decode_and_valid_masks", "stats", "set_policy",
            "PRESET", "SUPPORTED_VLLM"]
@@ -238,10 +238,7 @@ class _Rows(NamedTuple):
 
 def _distinct(id_sets: tuple[torch.Tensor, ...], valid: torch.Tensor, E: int) -> list[int]:
     """Distinct experts over the valid rows of each ``[T, K]`` id tensor (one host read)."""
-    ids = torch.stack(id_sets).long()                                               # [N, T, K]
-    ids = torch.where(valid[None, :, None], ids, E).flatten(1)
-    hit = torch.zeros(len(id_sets), E + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
-    return hit[:, :E].sum(dim=1).tolist()
+    return distinct_experts(torch.stack(id_sets), valid, E).tolist()
 
 
 class _State:

@@ -1,0 +1,58 @@
+"""The ``lynx`` command line: one module per subcommand, loaded on demand.
+
+Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``: it parses,
+calls the measurement library (``lynx_moe.measure``) or an integration, and prints tables and
+one final JSON line. Bad input, from argparse or raised by the library as ``ValueError`` /
+``FileNotFoundError`` / ``ImportError`` (a missing extra) or here as ``UsageError``, prints
+``lynx <command>: error: ...`` and exits with status 2, like argparse's own errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+__all__ = ["UsageError", "COMMANDS", "build_parser", "main"]
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "policies": ("lynx_moe.cli.policies", "list the policies and the authors' presets"),
+    "serve": ("lynx_moe.cli.serve", "vLLM's OpenAI-compatible server with a routing policy enabled"),
+    "bench": ("lynx_moe.cli.bench", "decode speed of policies vs native routing, with the memory-bandwidth floor"),
+    "profile": ("lynx_moe.cli.profile", "distinct experts, load skew and bin overlap per layer on held-out text"),
+    "eval": ("lynx_moe.cli.eval", "quality of policies vs native routing in decode mode: perplexity, KL, agreement, task accuracy"),
+    "lm-eval": ("lynx_moe.cli.lm_eval", "lm-evaluation-harness with the 'lynx-hf' model (a policy from model_args)"),
+    "demo": ("lynx_moe.cli.demo", "the whole story on the reference model: experts saved, speed, quality (< 3 min)"),
+}
+
+
+class UsageError(Exception):
+    """Bad user input found by the CLI itself: reported like the library's ValueErrors."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lynx", description="Batch-aware MoE expert selection.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module, _parser=p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Must be set before torch starts its OpenMP pool: spinning threads stall small ops
+    # 10-25x on a busy 2-core machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"lynx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Arguments several subcommands share, and the checks they run before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import UsageError
+
+__all__ = ["policy_arg", "positive_ints", "add_model", "add_data", "add_policies", "add_threads", "add_json_only", "add_count",
+           "set_threads", "check_counts", "writable_dir", "progress_bar"]
+
+
+def policy_arg(spec: str):
+    """argparse ``type=`` for policy specs: a bad spec is an argparse error (exit 2)."""
+    from ..policies import parse_policy
+    try:
+        return parse_policy(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse ``type=`` for comma-separated positive integers, e.g. ``1,8,32``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers (>= 1), got {text!r}")
+    return values
+
+
+def add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None, metavar="PATH",
+                        help="model folder (default: the reference model)")
+
+
+def add_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, action="append", default=None, metavar="FILE",
+                        help="held-out text: a JSONL file with a 'text' field per line, or a folder of them "
+                             "(repeatable; default: MODEL/eval/heldout)")
+
+
+def add_policies(parser: argparse.ArgumentParser,
+                 what: str = "policy spec to compare with native (repeatable; default: the authors' "
+                             "AffinityBinning preset for the model's shape)") -> None:
+    parser.add_argument("--policy", type=policy_arg, action="append", default=None, metavar="SPEC", help=what)
+
+
+def add_count(parser: argparse.ArgumentParser, flag: str, default: int, help: str, metavar: str = "N") -> None:
+    """An integer option whose help ends with its default (range checks: ``check_counts``)."""
+    parser.add_argument(flag, type=int, default=default, metavar=metavar, help=f"{help} (default {default})")
+
+
+def add_json_only(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json-only", action="store_true", help="print only the final JSON line")
+
+
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch threads (default: torch's choice)")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+
+
+def check_counts(args: argparse.Namespace, at_least_one: tuple[str, ...] = (), at_least_zero: tuple[str, ...] = ()) -> None:
+    """UsageError naming the option when a count is out of range."""
+    for names, low in ((at_least_one, 1), (at_least_zero, 0)):
+        for name in names:
+            value = getattr(args, name)
+            if value < low:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def writable_dir(path: Path, option: str = "--out") -> Path:
+    """Create ``path`` (and its parents) and check a file can be written there, before a long
+    run: a bad location is reported now, not after minutes of work."""
+    probe = Path(path) / ".lynx-write-check"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
+    return Path(path)
+
+
+def progress_bar(desc: str, enabled: bool = True):
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (None if disabled); a
+    finished bar closes, and the next call opens a new one."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    state: dict = {"bar": None}
+
+    def progress(done: int, total: int) -> None:
+        if state["bar"] is None:
+            state["bar"] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+        bar = state["bar"]
+        bar.total, bar.n = total, done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+            state["bar"] = None
+    return progress

@@ -1,0 +1,130 @@
+"""``lynx bench``: decode speed of each policy against native routing, side by side.
+
+What it measures. For each batch size the batch is prefilled once (untimed); then every run
+rolls the KV cache back to the prompt and times ``--new-tokens`` decode steps (one token per
+sequence per step, teacher-forced, so every run decodes the same tokens). Runs are
+interleaved in rounds (native, policy 1, policy 2, ..., native, ...) so slow drift of a
+shared machine hits all of them alike; an untimed warm-up round comes first and also counts
+the distinct experts per layer and step (``lynx.routing_stats``). Timed policy runs have
+statistics off; timed native runs are the unpatched model. Reported per batch size and
+policy: median and min-max ms per step over ``--repeats`` rounds, tokens/s, speedup
+(median over rounds of native / policy in the same round), mean distinct experts per MoE
+layer per step, expert MB read per step, and the memory-bandwidth floor of a step: the bytes
+it must read (experts used + dense weights + KV cache) over the copy bandwidth measured at the
+start of the same run.
+
+Two kinds of model:
+- ``--model PATH`` (default: the reference model) on held-out text;
+- ``--shape olmoe-1b-7b --layers 4``: a decoder stack at a published model's dimensions in
+  bf16 with random weights (``lynx_moe.measure.shapes``), whose routers replay logits recorded from
+  ``--replay-from`` (default: the reference model, same experts and top-k) on held-out text,
+  so each step needs a realistic set of experts. ``--router random`` keeps the random routers.
+
+    lynx bench --shape olmoe-1b-7b --layers 4 --batch-sizes 32 \\
+        --policy affinity_binning:alpha=3,beta=4 --policy oea --policy xshare
+    lynx bench --model PATH --batch-sizes 1,8,32 --json-only
+
+Prints a table and ends with one JSON line (``--json-only``: only that line). The measuring is
+``lynx_moe.measure.speed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..integrations.hf import moe_shape
+from ..measure.quality import check_policies
+from ..measure.shapes import get_shape
+from ..measure.speed import decode_speed, model_inputs, shape_inputs
+from ..presets import for_shape
+from . import UsageError
+from .args import (
+    add_count, add_data, add_json_only, add_model, add_policies, add_threads, check_counts, positive_ints,
+    progress_bar, set_threads, writable_dir,
+)
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model(parser)
+    parser.add_argument("--shape", type=str, default=None, metavar="NAME",
+                        help="benchmark a random-weight stack of this shape instead (see lynx_moe.measure.shapes: "
+                             "olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b, olmoe-tiny)")
+    add_count(parser, "--layers", 4, "decoder layers of the --shape stack")
+    parser.add_argument("--router", choices=("replay", "random"), default="replay",
+                        help="--shape routers: replay recorded logits (default) or keep random weights")
+    parser.add_argument("--replay-from", type=Path, default=None, metavar="PATH",
+                        help="model whose router logits the --shape stack replays (default: the reference model)")
+    add_data(parser)
+    add_policies(parser)
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 8, 16, 32, 64], metavar="B,B,...",
+                        help="e.g. 1,8,32")
+    add_count(parser, "--new-tokens", 16, "timed decode steps per run")
+    add_count(parser, "--prompt-len", 16, "prefilled tokens per sequence")
+    add_count(parser, "--repeats", 3, "timed rounds", "R")
+    add_threads(parser)
+    add_count(parser, "--bandwidth-mib", 1024, "buffer of the copy-bandwidth measurement in MiB, 0: skip", "MIB")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="also write the results to OUT/bench.json")
+    add_json_only(parser)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    check_counts(args, at_least_one=("new_tokens", "prompt_len", "repeats", "layers"), at_least_zero=("bandwidth_mib",))
+    if args.shape is not None and args.model is not None:
+        raise UsageError("give --model or --shape, not both")
+    if args.shape is not None:
+        get_shape(args.shape)   # ValueError listing the known shapes
+
+
+def _header() -> str:
+    return (f"{'B':>3} {'policy':<34} {'ms/step':>8} {'min-max':>13} {'experts':>8} {'tok/s':>8} {'speedup':>7} "
+            f"{'distinct':>8} {'expert MB':>9} {'total MB':>8} {'bound ms':>8} {'bound x':>7}")
+
+
+def _row(r: dict) -> str:
+    return (f"{r['batch']:>3} {r['policy'][:34]:<34} {r['ms_per_step']:>8.1f} "
+            f"{r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} {r['experts_ms_per_step']:>8.1f} "
+            f"{r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}x "
+            f"{r['distinct_mean']:>8.1f} {r['expert_mb_per_step']:>9.1f} {r['total_mb_per_step']:>8.1f} "
+            f"{r.get('bound_ms', float('nan')):>8.1f} {r['bound_speedup']:>6.2f}x")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    set_threads(args)
+    out = writable_dir(args.out) if args.out is not None else None
+    rows, length = max(args.batch_sizes), args.prompt_len + args.new_tokens
+    t0 = time.perf_counter()
+    if args.shape is None:
+        model, tokens, replay, desc = model_inputs(args.model, rows, length, args.data)
+    else:
+        model, tokens, replay, desc = shape_inputs(args.shape, args.layers, rows, length, args.prompt_len,
+                                                   router=args.router, replay_from=args.replay_from, data=args.data)
+    preset_name, preset = for_shape(*moe_shape(model))
+    policies = [p for p in (args.policy or [preset]) if p.kind != "native"]
+    check_policies(model, policies)   # fails early on an unsupported model or top_k
+    setup_s = time.perf_counter() - t0
+    if not args.json_only:
+        print(_header(), flush=True)
+    summary = decode_speed(model, tokens, args.prompt_len, policies, args.batch_sizes, args.repeats,
+                           replay=replay, bandwidth_mib=args.bandwidth_mib,
+                           on_batch=None if args.json_only else (lambda r: print("\n".join(map(_row, r)), flush=True)),
+                           progress=progress_bar("bench runs", not args.json_only))
+    summary = {**desc, **summary, "setup_s": round(setup_s, 1)}
+    c0, c1 = summary["conditions"]["before"], summary["conditions"]["after"]
+    if not args.json_only and summary["bandwidth"] is not None:
+        bw = summary["bandwidth"]
+        print(f"copy bandwidth {bw['gbps']:.1f} GB/s (min {bw['min_gbps']:.1f}, max {bw['max_gbps']:.1f}; "
+              f"{summary['bandwidth_after_gbps']:.1f} after timing); one expert "
+              f"{summary['expert_mb']} MB; dense weights {summary['dense_mb_per_step']} MB/step; "
+              f"{c0['threads']} threads; load average {c0['load_average'][0]} -> "
+              f"{c1['load_average'][0]} on {c0['cores']} cores")
+    if out is not None:
+        (out / "bench.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return 0
