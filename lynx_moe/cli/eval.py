@@ -140,6 +140,10 @@ def format_table(results: list[dict]) -> str:
             changes = [100 * (r["perplexity"]["by_domain"][d] / ppl - 1) for r in results[1:]]
             lines.append(f"  {d:<14} {ppl:>9.2f} " + " ".join(f"[{i + 1}] {c:+.2f}" for i, c in enumerate(changes)))
     for name, t in results[0].get("tasks", {}).items():
+        if t.get("at_chance"):
+            lines.append(f"task {name} (n={t['n']}): native {100 * t['acc_native']:.1f}% is at chance "
+                         f"({100 * t['chance']:.1f}%): scored natively only")
+            continue
         lines.append(f"task {name} (n={t['n']}, {t['metric']}, chance {100 * t['chance']:.1f}%, native "
                      f"{100 * t['acc_native']:.1f}%): change, points [95% CI]")
         for r in results[1:]:

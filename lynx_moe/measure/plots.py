@@ -102,11 +102,11 @@ def quality_vs_saved(results: list[dict], path: Path, title: str = "") -> Path:
         else:
             ax.set_ylabel("accuracy change (points)")
             ax.set_title("Accuracy (all task items pooled) vs experts saved", fontsize=10)
-            marks = [ax.plot([], [], "+x1234"[j % 6], color="grey", label=t)[0] for j, t in enumerate(tasks)]
-            ax.add_artist(ax.legend(handles=marks, fontsize=7, title="per task", title_fontsize=7, loc="lower left"))
+            marks = [ax.plot([], [], "+x1234"[j % 6], color="grey", linestyle="none")[0] for j in range(len(tasks))]
+            fig.legend(marks, tasks, fontsize=7, loc="lower right", title="each task", title_fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles[:len(pols)], labels[:len(pols)], fontsize=7, loc="center right", title="policy",
-               title_fontsize=8)
+    fig.legend(handles[:len(pols)], labels[:len(pols)], fontsize=7, loc="upper right", title="policy",
+               title_fontsize=8, bbox_to_anchor=(1.0, 0.9))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 2.6 / (5.6 * n + 2.6), 1))

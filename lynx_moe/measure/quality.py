@@ -102,6 +102,10 @@ class _Bar:
         if self.progress is not None:
             self.progress(self.done, self.total)
 
+    def skip(self, runs: int) -> None:
+        """``runs`` that were counted in ``total`` will not happen."""
+        self.total -= runs
+
 
 def _each_policy(model, policies: dict, stats: dict[str, _Stats], work):
     """Yield ``(name, work())`` for every policy, applied (with statistics) around the call."""
@@ -194,6 +198,22 @@ def _generate_task(model, policies, task, tokenizer, cfg, pad_id, bar) -> tuple[
     return correct, stats
 
 
+def _task(model, policies, task, tokenizer, cfg, pad_id, bar, min_over_chance) -> tuple[dict, dict]:
+    """Per-item correctness and routing counts of every policy on one task; with
+    ``min_over_chance``, native runs first and the policies only if it is above that."""
+    run = _choice_task if task.kind == "choice" else _generate_task
+    if not min_over_chance:
+        return run(model, policies, task, tokenizer, cfg, pad_id, bar)
+    native = {"native": policies["native"]}
+    correct, stats = run(model, native, task, tokenizer, cfg, pad_id, bar)
+    others = {n: p for n, p in policies.items() if n != "native"}
+    if correct["native"].mean().item() < min_over_chance * task.chance or not others:
+        bar.skip(len(others) * _task_batches(task, cfg))
+        return correct, stats
+    more_correct, more_stats = run(model, others, task, tokenizer, cfg, pad_id, bar)
+    return correct | more_correct, stats | more_stats
+
+
 def _until(text: str, stops: tuple[str, ...]) -> str:
     """The generation up to its first stop string, as lm-eval cuts it before scoring."""
     for stop in stops:
@@ -220,14 +240,17 @@ def _task_batches(task, cfg) -> int:
 
 def evaluate(model, tokenizer, policies: list[Policy], texts: dict[str, list[str]] | None, tasks: list[Task],
              cfg: EvalConfig = EvalConfig(), *, progress: Progress | None = None,
-             pool_above_chance: float = 0.0) -> list[dict]:
+             min_over_chance: float = 0.0) -> list[dict]:
     """Quality of each policy against native routing (prepended as ``native``), in decode mode.
 
     ``texts``: held-out text by domain (perplexity, KL, greedy agreement; None skips them);
     ``tasks``: ``measure.data.Task`` list. Returns one dict per policy, native first
-    (see the module docstring for what is in it). ``tasks_pooled`` pools the items of every
-    task whose native accuracy is at least ``pool_above_chance`` x its chance level (default
-    0: all); a change on a task the model cannot do is noise, not a result.
+    (see the module docstring for what is in it).
+
+    ``min_over_chance``: a task whose native accuracy is below this multiple of its chance
+    level is scored natively only (its result is in native's entry, marked ``at_chance``) and
+    left out of the policies' results and of ``tasks_pooled``: a change on a task the model
+    cannot do is noise, not a result. Default 0: every task is scored under every policy.
     """
     pad_id = _pad_id(model, tokenizer)
     named = {"native": TopK(), **{str(p): p for p in policies}}
@@ -257,19 +280,21 @@ def evaluate(model, tokenizer, policies: list[Policy], texts: dict[str, list[str
     pooled: dict[str, list[torch.Tensor]] = {name: [] for name in named}
     pooled_tasks = []
     for task in tasks:
-        run_task = _choice_task if task.kind == "choice" else _generate_task
-        correct, tstats = run_task(model, named, task, tokenizer, cfg, pad_id, bar)
-        if correct["native"].mean().item() >= pool_above_chance * task.chance:
-            pooled_tasks.append(task.name)
-            for name in named:
-                pooled[name].append(correct[name])
-        for name, r in results.items():
-            delta = metrics.paired_bootstrap(correct["native"], correct[name], resamples=cfg.resamples, seed=cfg.seed)
-            r.setdefault("tasks", {})[task.name] = {
+        correct, tstats = _task(model, named, task, tokenizer, cfg, pad_id, bar, min_over_chance)
+        nat = correct["native"]
+        for name in correct:
+            delta = metrics.paired_bootstrap(nat, correct[name], resamples=cfg.resamples, seed=cfg.seed)
+            results[name].setdefault("tasks", {})[task.name] = {
                 "kind": task.kind, "metric": task.metric if task.kind == "choice" else "exact_match",
                 "n": len(task.items), "chance": round(task.chance, 4),
-                "acc": round(correct[name].mean().item(), 4), "acc_native": round(correct["native"].mean().item(), 4),
+                "acc": round(correct[name].mean().item(), 4), "acc_native": round(nat.mean().item(), 4),
                 "delta_points": delta.to_dict(scale=100, digits=2), "routing": tstats[name]}
+        if len(correct) < len(named):
+            results["native"]["tasks"][task.name]["at_chance"] = True
+            continue
+        pooled_tasks.append(task.name)
+        for name in named:
+            pooled[name].append(correct[name])
     if len(tasks) > 1 and pooled_tasks:   # items of all tasks together: one tighter interval for "points lost"
         nat = torch.cat(pooled["native"])
         for name, r in results.items():
