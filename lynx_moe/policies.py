@@ -9,7 +9,7 @@ one forward pass, given the rows that vote (valid decode rows):
 - row policies (``StaticK``, ``SER``) return how many of its native top-k experts each row
   keeps; the remaining slots get weight 0 (see ``routing`` for which ids fill them).
 
-The maths is specified in ``shared/design/algorithms.md``. Policies round-trip through
+The maths is specified in ``docs/algorithms.md``. Policies round-trip through
 ``to_dict`` / ``policy_from_dict`` and through one-line specs for CLIs and environment
 variables: ``parse_policy("affinity_binning:alpha=3,beta=2")`` and ``str(policy)``.
 

@@ -1,5 +1,5 @@
 """An independent, plain-Python AffinityBinning written from the specification
-(shared/design/algorithms.md, section 1), not from lynx_moe.routing.
+(docs/algorithms.md, section 2), not from lynx_moe.routing.
 
 Slow on purpose: loops over rows and experts, exact rational popularity (``Fraction``), bins
 computed in float32 like the router's logits. Used by the tests to check the fast

@@ -313,32 +313,32 @@ def test_bad_settings_name_the_problem(env, message):
 def test_register_is_a_no_op_without_settings_and_idempotent(monkeypatch):
     from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
 
-    from lynx_moe.integrations import vllm as vllm_plugin
-    monkeypatch.setattr(vllm_plugin, "_STATE", None)   # restored afterwards
+    from lynx_moe.integrations import vllm as plugin
+    monkeypatch.setattr(plugin, "_STATE", None)   # restored afterwards
     monkeypatch.delenv("LYNX_POLICY", raising=False)
     monkeypatch.delenv("LYNX_POLICY_FILE", raising=False)
     original = FusedMoERouter.select_experts
-    vllm_plugin.register()
+    plugin.register()
     assert FusedMoERouter.select_experts is original or getattr(original, "__lynx_wrapped__", False)
     monkeypatch.setenv("LYNX_POLICY", "topk")
-    vllm_plugin.register()
+    plugin.register()
     wrapped = FusedMoERouter.select_experts
     assert wrapped.__lynx_wrapped__
-    vllm_plugin.register()
+    plugin.register()
     monkeypatch.setenv("LYNX_POLICY", "preset")
-    vllm_plugin.register()   # new settings, same wrapper
+    plugin.register()   # new settings, same wrapper
     assert FusedMoERouter.select_experts is wrapped
 
 
 def test_unsupported_vllm_version_is_a_clear_error(monkeypatch):
     import vllm
 
-    from lynx_moe.integrations import vllm as vllm_plugin
-    monkeypatch.setattr(vllm_plugin, "_STATE", None)
+    from lynx_moe.integrations import vllm as plugin
+    monkeypatch.setattr(plugin, "_STATE", None)
     monkeypatch.setattr(vllm, "__version__", "0.99.1")
     monkeypatch.setenv("LYNX_POLICY", "topk")
     with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x .* found vLLM 0\.99\.1"):
-        vllm_plugin.register()
+        plugin.register()
 
 
 def test_lynx_serve_splits_its_own_options_from_vllm_arguments():

@@ -35,12 +35,12 @@ from pathlib import Path
 from .. import reference_model_path
 from ..integrations.hf import moe_shape
 from ..measure.machine import conditions
-from ..measure.quality import EvalConfig, check_policies, evaluate
+from ..measure.quality import EvalConfig, check_policies, evaluate, load_inputs
+from ..measure.speed import speed_on_text
 from ..policies import parse_policy
 from ..presets import for_shape
 from . import UsageError
 from .args import add_count, add_threads, progress_bar, set_threads, writable_dir
-from .eval import load_inputs, speed_at
 
 __all__ = ["add_arguments", "run", "demo_policies"]
 
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     path = _model_path(args.model)
     out = writable_dir(args.out or Path("reports") / time.strftime("demo-%Y%m%d-%H%M%S", time.gmtime()))
     start = conditions()
-    model, tokenizer, path, texts, tasks = load_inputs(path, None, None, "all")
+    model, tokenizer, path, texts, tasks = load_inputs(path, None, None, ["all"])
     E, K = moe_shape(model)
     preset_name, policies = demo_policies(E, K, args.full)
     check_policies(model, policies)
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                        min_over_chance=ABOVE_CHANCE)
     t_eval = time.perf_counter() - t0
     print(f"    {t_eval:.0f} s; 2/2 decode speed (interleaved timed rounds) ...", flush=True)
-    bench = speed_at(model, tokenizer, texts, policies, cfg.batch_size, size["bench_repeats"], progress_bar("speed"))
+    bench = speed_on_text(model, tokenizer, texts, policies, cfg.batch_size, size["bench_repeats"], progress_bar("speed"))
     rows = _rows(results, bench)
     title = f"{path.name}, batch {cfg.batch_size}"
     plots = [distinct_per_layer(results, out / "distinct_per_layer.png", title=f"{title}: distinct experts "

@@ -1,6 +1,6 @@
 """``lynx eval``: how much quality each routing policy costs against native routing.
 
-Every quality figure is measured in decode mode (``lynx_moe.scoring``): sequences go in
+Every quality figure is measured in decode mode (``lynx_moe.measure.decode``): sequences go in
 batches of ``--batch-size`` rows, a short prefix is prefilled and every scored token is
 predicted by a decode step through the KV cache, so each MoE layer sees B decode rows per step
 as in batched serving. Why not a normal forward: the policies only act on decode steps (a
@@ -36,12 +36,9 @@ from pathlib import Path
 
 import torch
 
-from .. import reference_model_path
 from ..integrations.hf import moe_shape
-from ..measure.data import default_data, default_eval_dir, load_tasks, load_texts, select_tasks, token_batch
-from ..measure.models import load_model
-from ..measure.quality import DEFAULT_SWEEP, EvalConfig, check_policies, evaluate, expand_sweep
-from ..measure.speed import decode_speed
+from ..measure.quality import DEFAULT_SWEEP, EvalConfig, check_policies, evaluate, expand_sweep, load_inputs
+from ..measure.speed import speed_on_text
 from ..presets import for_shape
 from . import UsageError
 from .args import (
@@ -49,7 +46,7 @@ from .args import (
     set_threads, writable_dir,
 )
 
-__all__ = ["add_arguments", "run", "load_inputs", "speed_at", "format_table"]
+__all__ = ["add_arguments", "run", "format_table"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,31 +82,6 @@ def _config(args) -> EvalConfig:
     return EvalConfig(batch_size=args.batch_size, prefix=args.prefix, ppl_tokens=args.ppl_tokens,
                       ppl_per_domain=args.ppl_rows, limit=args.limit, gen_prompts=args.gen_prompts,
                       gen_tokens=args.gen_tokens)
-
-
-def load_inputs(model_path: Path | None, data: list[Path] | None, eval_dir: Path | None, task_names: str):
-    """``(model, tokenizer, path, texts, tasks)`` for ``lynx eval`` / ``lynx demo``."""
-    path = Path(model_path) if model_path else reference_model_path()
-    model, tokenizer = load_model(path)
-    if tokenizer is None:
-        raise UsageError(f"--model {path}: no tokenizer there (lynx eval needs one to read text and tasks)")
-    names = [t.strip() for t in task_names.split(",") if t.strip()]
-    tasks = []
-    if names != ["none"]:
-        eval_dir = eval_dir or default_eval_dir(path)
-        try:
-            tasks = select_tasks(load_tasks(eval_dir) if eval_dir else {}, names or ["all"])
-        except ValueError as e:
-            raise UsageError(f"--tasks: {e} (in {eval_dir})") from None
-    texts = load_texts(data or [default_data(path)])
-    return model, tokenizer, path, texts, tasks
-
-
-def speed_at(model, tokenizer, texts, policies: list, batch: int, repeats: int, progress=None) -> dict:
-    """Decode speed of native and ``policies`` at one batch size, as ``lynx bench`` measures it
-    (interleaved timed rounds of 16 teacher-forced steps after a 16-token prompt)."""
-    tokens = token_batch(texts, tokenizer, batch, 32, model.config.vocab_size)
-    return decode_speed(model, tokens, 16, policies, [batch], repeats, bandwidth_mib=256, progress=progress)
 
 
 def _x(v: float | None) -> str:
@@ -171,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         from ..measure.plots import require
         require()
     out = writable_dir(args.out) if args.out is not None else None
-    model, tokenizer, path, texts, tasks = load_inputs(args.model, args.data, args.eval_dir, args.tasks)
+    model, tokenizer, path, texts, tasks = load_inputs(args.model, args.data, args.eval_dir,
+                                                       [t.strip() for t in args.tasks.split(",") if t.strip()])
     E, K = moe_shape(model)
     preset_name, preset = for_shape(E, K)
     policies = list(args.policy or ([] if sweep else [preset])) + sweep
@@ -186,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                          | {"source": t.source} for t in tasks},
                "results": results}
     if args.speed:
-        bench = speed_at(model, tokenizer, texts, policies, cfg.batch_size, args.speed,
+        bench = speed_on_text(model, tokenizer, texts, policies, cfg.batch_size, args.speed,
                          progress_bar("speed runs", not args.json_only))
         by_policy = {b["policy"]: b for b in bench["results"]}
         for r in results:

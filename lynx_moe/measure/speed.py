@@ -37,7 +37,7 @@ from .machine import copy_bandwidth, conditions
 from .models import load_model
 from .shapes import LogitReplay, build_stack, get_shape
 
-__all__ = ["StepBytes", "model_inputs", "shape_inputs", "time_decode", "decode_speed"]
+__all__ = ["StepBytes", "model_inputs", "shape_inputs", "time_decode", "decode_speed", "speed_on_text"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,3 +277,11 @@ def decode_speed(model, tokens: torch.Tensor, prompt_len: int, policies: list[Po
         "dense_mb_per_step": round(step_bytes.dense / 1e6, 1),
         "expert_mb": round(step_bytes.expert[0] / 1e6, 2), "results": results,
     }
+
+
+def speed_on_text(model, tokenizer, texts: dict[str, list[str]], policies: list[Policy], batch: int,
+                  repeats: int = 3, progress: Callable[[int, int], None] | None = None) -> dict:
+    """``decode_speed`` at one batch size on held-out text, as ``lynx eval --speed`` and ``lynx
+    demo`` report it: 16 teacher-forced steps after a 16-token prompt, a 256 MiB bandwidth probe."""
+    tokens = token_batch(texts, tokenizer, batch, 32, model.config.vocab_size)
+    return decode_speed(model, tokens, 16, policies, [batch], repeats, bandwidth_mib=256, progress=progress)
