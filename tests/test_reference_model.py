@@ -90,3 +90,36 @@ def test_greedy_generation_is_nontrivial(model_and_tok):
         words = re.findall(r"[A-Za-z]+", text)
         assert len(words) >= 5, text
         assert len(set(w.lower() for w in words)) >= 4, text
+
+
+def test_lm_eval_loads_every_shipped_task_from_any_folder(tmp_path, monkeypatch):
+    """The task YAMLs read their data beside themselves: stock lm-eval finds every item from a
+    working directory that is not the repository root (and from a copy of the folder)."""
+    pytest.importorskip("lm_eval")
+    import shutil
+
+    from lm_eval.tasks import TaskManager, get_task_dict
+    copy = tmp_path / "copied-eval"
+    shutil.copytree(PATH / "eval", copy)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for folder in (PATH / "eval", copy):
+        names = sorted(p.stem for p in folder.glob("lynx_ref_*.yaml") if p.stem != "lynx_ref_ppl")
+        tasks = get_task_dict(names, TaskManager(include_path=str(folder)))
+        for name in names:
+            want = sum(1 for line in (folder / _task_file(folder / f"{name}.yaml")).open() if line.strip())
+            assert len(list(tasks[name].test_docs())) == want > 0, name
+
+
+def _task_file(yaml_path: Path) -> str:
+    return re.search(r"^  file: (\S+)$", yaml_path.read_text(), re.M).group(1)
+
+
+def test_chat_template_renders_a_conversation():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(PATH)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fox."},
+            {"role": "assistant", "content": "Reynard."}, {"role": "user", "content": "Another?"}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == "Be brief.\n\nQ: Name a fox.\nA: Reynard.\nQ: Another?\nA:"

@@ -221,6 +221,30 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def _official_clients(model: str, port: int, tmp_path: Path) -> None:
+    """What the README shows: the ``openai`` client (completion and chat) and stock lm-eval's
+    ``local-completions`` model, run from a folder that is not the repository root."""
+    from openai import OpenAI
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    done = client.completions.create(model=model, prompt="The meaning of the word", max_tokens=8, temperature=0)
+    assert done.usage.completion_tokens >= 1 and isinstance(done.choices[0].text, str)
+    chat = client.chat.completions.create(model=model, max_tokens=8, temperature=0,
+                                          messages=[{"role": "user", "content": "Name a fox."}])
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    out = tmp_path / "lm-eval"
+    p = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+         f"model={model},base_url=http://127.0.0.1:{port}/v1/completions,tokenizer={model},num_concurrent=4",
+         "--tasks", "lynx_ref_next_word", "--include_path", str(Path(model) / "eval"), "--limit", "8",
+         "--output_path", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    [result] = out.rglob("results_*.json")
+    score = json.loads(result.read_text())["results"]["lynx_ref_next_word"]
+    assert 0 <= score["exact_match,first_word"] <= 1
+
+
 def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
@@ -242,6 +266,8 @@ def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
                      "temperature": 0, "ignore_eos": True})
         assert out["usage"]["completion_tokens"] == 8
         assert isinstance(out["choices"][0]["text"], str)
+        if _has_reference():   # the reference model ships a chat template and lm-eval tasks
+            _official_clients(model_dir, port, tmp_path)
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0
     finally:

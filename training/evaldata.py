@@ -30,7 +30,22 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 1234
-EVAL_REL = "models/lynx-ref-moe/eval"  # data_files are relative to the repo root (where lm-eval runs)
+EVAL_REL = "models/lynx-ref-moe/eval"
+# lm-eval resolves ``data_files`` against the working directory; a ``custom_dataset`` loader
+# beside the YAMLs (``!function`` tags resolve against the YAML's folder) reads each task's
+# JSONL from there instead, so the eval folder works from anywhere it is copied.
+LOADER_NAME = "lynx_data.py"
+LOADER = '''"""lm-eval ``custom_dataset`` for the tasks in this folder: reads the JSONL file a task's
+YAML names (``dataset_kwargs: {file: ...}``) from beside this file, whatever the working
+directory. Written by training/evaldata.py."""
+
+from pathlib import Path
+
+
+def load(file, **_):
+    import datasets
+    return datasets.load_dataset("json", data_files={"test": str(Path(__file__).resolve().parent / file)})
+'''
 SEG_TOKENS = 256
 SEGS_PER_DOMAIN = 200
 TEXT_DOMAINS = ["bible", "fortunes", "jargon", "foldoc", "python_docs", "perl_docs", "manpages", "dictionary"]
@@ -68,8 +83,8 @@ def write_jsonl(path: Path, rows):
 
 def yaml_header(task: str, data: str, output_type: str) -> str:
     return (f"task: {task}\n"
-            f"dataset_path: json\n"
-            f"dataset_kwargs:\n  data_files:\n    test: {EVAL_REL}/{data}\n"
+            f"custom_dataset: !function {LOADER_NAME.removesuffix('.py')}.load\n"
+            f"dataset_kwargs:\n  file: {data}\n"
             f"test_split: test\n"
             f"output_type: {output_type}\n")
 
@@ -389,6 +404,7 @@ def main():
 
     corpus, out = Path(args.corpus), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / LOADER_NAME).write_text(LOADER)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     tasks = ALL_TASKS if args.all_tasks else DEFAULT_TASKS
     if not args.skip_heldout:

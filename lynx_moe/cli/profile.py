@@ -87,11 +87,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plots:
         from ..measure.plots import require
         require()
+    out = writable_dir(args.out)
     path = args.model or reference_model_path()
     model, tokenizer = load_model(path)
     data = args.data or [default_data(path)]
     texts = load_texts(data)
-    out = writable_dir(args.out)
     rows = max(args.batch_sizes)
     tokens = token_batch(texts, tokenizer, rows, args.prompt_len + args.steps, model.config.vocab_size)
     logits, ids = record_routing(model, tokens, args.prompt_len)

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from . import UsageError
 
@@ -57,7 +58,6 @@ def server_command(model: str, vllm_args: list[str]) -> list[str]:
 
 
 def _settings_env(args: argparse.Namespace) -> dict[str, str]:
-    from ..integrations.vllm import load_settings, parse_spec
     env: dict[str, str] = {}
     if args.policy is not None or args.policy_file is None:
         env["LYNX_POLICY"] = "preset" if args.policy is None else args.policy
@@ -65,18 +65,14 @@ def _settings_env(args: argparse.Namespace) -> dict[str, str]:
         env["LYNX_POLICY_FILE"] = os.path.abspath(args.policy_file)
     if args.stats_every is not None:
         env["LYNX_STATS_EVERY"] = str(args.stats_every)
-    if args.policy is not None:
-        parse_spec(args.policy, f"--policy {args.policy!r}")   # ValueError: a usage error
-    load_settings(env)
     return env
 
 
-def run(args: argparse.Namespace) -> int:
-    rest = list(getattr(args, "vllm_args", []))
-    env = _settings_env(args)
-    if rest and not rest[0].startswith("-"):
-        model = rest.pop(0)
-    else:
+def _model(rest: list[str]) -> str:
+    """The MODEL argument (taken out of ``rest``), or the reference model. A path that is not a
+    model folder is refused here; a bare ``name`` or ``org/name`` that is no local folder goes
+    to vLLM as a Hugging Face id."""
+    if not rest or rest[0].startswith("-"):
         from .. import reference_model_path
         try:
             model = str(reference_model_path())
@@ -84,6 +80,27 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"no MODEL given and {e}") from None
         if not any(a.split("=")[0] == "--served-model-name" for a in rest):
             rest += ["--served-model-name", "lynx-ref-moe"]   # clients need not know the path
+        return model
+    model = rest.pop(0)
+    path = Path(model).expanduser()
+    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1
+    if path.exists() and not (path / "config.json").is_file():
+        raise UsageError(f"MODEL {model}: not a model folder (no config.json there)")
+    if not path.exists() and looks_local:
+        raise UsageError(f"MODEL {model}: no such model folder")
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..integrations.vllm import check_spec, config_moe_shape, load_settings, parse_spec
+    rest = list(getattr(args, "vllm_args", []))
+    env = _settings_env(args)
+    if args.policy is not None:
+        parse_spec(args.policy, f"--policy {args.policy!r}")   # ValueError: a usage error
+    # What the plugin will read in vLLM's processes, checked now (one line, no traceback):
+    settings = load_settings({**os.environ, **env})
+    model = _model(rest)
+    check_spec(settings.spec_for(model), config_moe_shape(model))
     try:
         import vllm  # noqa: F401  (fail here with the extra's name, not in the child)
     except ImportError:

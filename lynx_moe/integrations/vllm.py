@@ -50,8 +50,8 @@ from ..policies import Policy, TopK, parse_policy, policy_from_dict
 from ..presets import for_shape
 from ..routing import distinct_experts, route
 
-__all__ = ["register", "Settings", "load_settings", "parse_spec", "decode_and_valid_masks", "stats", "set_policy",
-           "PRESET", "SUPPORTED_VLLM"]
+__all__ = ["register", "Settings", "load_settings", "parse_spec", "check_spec", "config_moe_shape",
+           "decode_and_valid_masks", "stats", "set_policy", "PRESET", "SUPPORTED_VLLM"]
 
 SUPPORTED_VLLM = ("0.32.",)
 PRESET = "preset"   # a spec meaning "the authors' preset for this layer's shape"
@@ -133,6 +133,28 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings | None:
     except (TypeError, ValueError):
         raise ValueError(f"{_ENV_EVERY}: expected an integer >= 0 (0: no log), got {every_raw!r}") from None
     return Settings(default, tuple(models), every)
+
+
+def config_moe_shape(model: str) -> tuple[int, int] | None:
+    """``(experts, top-k)`` from a local model folder's ``config.json`` (None when ``model`` is
+    not a local folder or its config names no routed experts), to check a policy before vLLM
+    loads anything."""
+    path = Path(model).expanduser() / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    E = next((cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if isinstance(cfg.get(k), int)), None)
+    K = cfg.get("num_experts_per_tok")
+    return (E, K) if isinstance(E, int) and isinstance(K, int) else None
+
+
+def check_spec(spec: Spec | None, shape: tuple[int, int] | None) -> None:
+    """ValueError (the message ``apply_`` gives) when a policy cannot run on a model of this
+    ``(experts, top-k)``; a no-op for ``preset`` (chosen per layer) or an unknown shape."""
+    if isinstance(spec, Policy) and shape is not None:
+        spec.check_top_k(shape[1])
 
 
 # ---------------------------------------------------------------------------------------------

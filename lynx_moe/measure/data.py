@@ -179,7 +179,14 @@ def _render(template: Any, doc: dict[str, Any]) -> Any:
 
 
 def _data_file(spec: dict[str, Any], yaml_path: Path) -> Path | None:
-    files = (spec.get("dataset_kwargs") or {}).get("data_files") or {}
+    """The task's JSONL: ``dataset_kwargs: {file: ...}`` beside the YAML (the shipped tasks'
+    ``custom_dataset`` loader), or lm-eval's ``data_files``, which lm-eval resolves against the
+    working directory; from anywhere else, look beside the YAML."""
+    kwargs = spec.get("dataset_kwargs") or {}
+    if isinstance(kwargs.get("file"), str):
+        path = yaml_path.parent / kwargs["file"]
+        return path if path.is_file() else None
+    files = kwargs.get("data_files") or {}
     split = spec.get("test_split") or "test"
     rel = files.get(split) if isinstance(files, dict) else files
     if isinstance(rel, list):
@@ -187,8 +194,6 @@ def _data_file(spec: dict[str, Any], yaml_path: Path) -> Path | None:
     if not isinstance(rel, str):
         return None
     rel_path = Path(rel)
-    # lm-eval resolves data_files against the working directory (the repository root for the
-    # reference model); from anywhere else, look beside the YAML file.
     for cand in (rel_path, yaml_path.parent / rel_path.name, *(yaml_path.parent / Path(*rel_path.parts[-n:])
                                                                for n in (2, 3) if len(rel_path.parts) >= n)):
         if cand.is_file():
