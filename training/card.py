@@ -485,14 +485,19 @@ acc_norm divides by the choice's character length; generation is greedy, ≤8 to
   byte of the held-out segments (tokenisation and BOS handling follow lm-eval, so they can differ slightly
   from the table above).
 
-Run with lm-eval (from the repo root):
+Run with lm-eval, from any folder (each task's YAML reads its JSONL beside itself through
+`eval/lynx_data.py`, an lm-eval `custom_dataset` loader, so the folder also works where it is copied):
 
 ```bash
 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
-  --model_args pretrained=models/lynx-ref-moe,dtype=float32,add_bos_token=True \\
+  --model_args pretrained=PATH/lynx-ref-moe,dtype=float32,add_bos_token=True \\
   --tasks {task_list} \\
-  --include_path models/lynx-ref-moe/eval --device cpu --batch_size 16
+  --include_path PATH/lynx-ref-moe/eval --device cpu --batch_size 16
 ```
+
+Chat: this is a base model, not instruction-tuned. `chat_template.jinja` turns a conversation into
+plain text (the system text, then `Q: ...` / `A: ...` lines, ending with `A:`), so chat clients of
+`lynx serve` get a continuation instead of an error; do not expect an assistant.
 
 ## Greedy samples (repetition_penalty 1.1)
 

@@ -67,8 +67,9 @@ def train_tokenizer(corpus: Path, model_dir: Path, sample_mb: float):
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=None,
                                    pad_token=PAD, model_max_length=4096)
+    fast.chat_template = CHAT_TEMPLATE
     model_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)   # chat_template.jinja beside the tokenizer files
     print(f"tokenizer: trained on {sum(len(t.encode()) for t in texts) / 1e6:.1f} MB, vocab {tok.get_vocab_size()}")
     return fast
 
@@ -96,6 +97,18 @@ def encode_corpus(corpus: Path, model_dir: Path, out: Path):
         print(f"{d:12s} train tokens {tr['tokens'] / 1e6:6.2f}M  bytes/token {tr['bytes'] / max(tr['tokens'], 1):.2f}",
               flush=True)
     (out / "index.json").write_text(json.dumps(index, indent=1))
+
+
+# The model is a base model: a conversation becomes plain text (system text, then "Q: "/"A: "
+# lines, ending with "A:" for the answer), so chat clients of an OpenAI-compatible server get a
+# continuation rather than an error.
+CHAT_TEMPLATE = (    '{%- for m in messages -%}\n'
+    "{%- if m['role'] == 'system' -%}{{ m['content'] }}{{ '\\n\\n' }}\n"
+    "{%- elif m['role'] == 'user' -%}{{ 'Q: ' + m['content'] + '\\n' }}\n"
+    "{%- else -%}{{ 'A: ' + m['content'] + '\\n' }}\n"
+    '{%- endif -%}\n'
+    '{%- endfor -%}\n'
+    "{%- if add_generation_prompt -%}{{ 'A:' }}{%- endif -%}\n")
 
 
 def main():

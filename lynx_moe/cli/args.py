@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from . import UsageError
 
 __all__ = ["policy_arg", "positive_ints", "add_model", "add_data", "add_policies", "add_threads", "add_json_only", "add_count",
-           "set_threads", "check_counts", "writable_dir", "progress_bar"]
+           "set_threads", "check_counts", "writable_dir", "progress_bar", "add_passthrough", "run_passthrough"]
 
 
 def policy_arg(spec: str):
@@ -112,3 +113,25 @@ def progress_bar(desc: str, enabled: bool = True):
             bar.close()
             state["bar"] = None
     return progress
+
+
+def add_passthrough(parser: argparse.ArgumentParser, tool: str) -> None:
+    """Every argument after the command belongs to ``tool``, options and ``-h`` included."""
+    parser.add_argument("passthrough", nargs=argparse.REMAINDER, help=f"{tool}'s own arguments")
+    # With no prefix characters argparse takes "--model ..." and "-h" as positional values.
+    parser.prefix_chars = "\0"
+
+
+def run_passthrough(prog: str, argv: list[str], main: Callable[[], object]) -> int:
+    """Run another tool's command-line ``main`` in this process as ``prog argv...``; its exit
+    status is ours."""
+    argv = argv[1:] if argv[:1] == ["--"] else argv
+    old = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        main()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    return 0

@@ -16,16 +16,14 @@ which is routed natively (see ``lynx_moe.measure.lm_eval``).
 from __future__ import annotations
 
 import argparse
-import sys
+
+from .args import add_passthrough, run_passthrough
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's arguments (see lynx lm-eval -h)")
-    # Everything after the command belongs to lm-eval, options included: with no prefix
-    # characters argparse takes "--model ..." and "-h" as positional values.
-    parser.prefix_chars = "\0"
+    add_passthrough(parser, "lm-eval")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,19 +34,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..measure.lm_eval import register
     register()
-    argv = list(args.lm_eval_args)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
+    argv = list(args.passthrough)
     if not any(a == "--device" or a.startswith("--device=") for a in argv):
         import torch
         if not torch.cuda.is_available():
             argv += ["--device", "cpu"]
-    old = sys.argv
-    sys.argv = ["lm_eval", *argv]
-    try:
-        cli_evaluate()
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
-    return 0
+    return run_passthrough("lm_eval", argv, cli_evaluate)
