@@ -58,7 +58,10 @@ def load(args) -> tuple[torch.nn.Module, dict[str, torch.Tensor], object | None]
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size, (args.batch, 8), generator=g)
         return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None
-    model, tok = load_model(args.model)   # FileNotFoundError naming the folder if it is not a model
+    try:
+        model, tok = load_model(args.model)
+    except FileNotFoundError as e:   # not a model folder: say so, not a model-hub error
+        raise SystemExit(f"error: {e}") from None
     if tok is None:
         raise SystemExit(f"{args.model}: no tokenizer in that folder")
     tok.padding_side = "left"

@@ -60,3 +60,21 @@ def test_serve_checks_policy_variables_from_the_environment(tmp_path, monkeypatc
     monkeypatch.setenv("LYNX_POLICY_FILE", str(bad))
     line = _refused(["serve", str(tmp_path), "--policy-file", str(bad)], capsys)
     assert "StaticK(k=12) needs k <= the model's top_k=8" in line
+
+
+def test_a_negative_batch_size_is_named_not_taken_for_an_option(capsys):
+    code, _, err = run_cli(["bench", "--batch-sizes", "-1,8"], capsys)   # argparse: usage, then the error
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "lynx bench: error: argument --batch-sizes: expected positive integers (>= 1), got '-1,8'")
+
+
+def test_serve_names_a_local_folder_by_its_name():
+    from lynx_moe.cli.serve import _model
+    import lynx_moe
+    ref = lynx_moe.reference_model_path()
+    rest = [str(ref), "--port", "8000"]
+    assert _model(rest) == str(ref) and rest == ["--port", "8000", "--served-model-name", "lynx-ref-moe"]
+    rest = ["--served-model-name", "mine"]
+    assert _model(rest) == str(ref) and rest == ["--served-model-name", "mine"]
+    rest = ["org/some-model"]
+    assert _model(rest) == "org/some-model" and rest == []     # a Hugging Face id goes to vLLM as is

@@ -273,6 +273,20 @@ def test_policy_arg_separators():
         parse_policy_arg("affinity_binning:alpha=3;gamma=1")
 
 
+def test_policy_spec_with_commas_survives_lm_evals_model_args(tiny_dir):
+    """lm-eval splits ``policy=affinity_binning:alpha=3,beta=4`` into ``policy=...alpha=3`` and
+    ``beta=4``; the model folds the policy's fields back into the spec."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.utils import simple_parse_args_string
+
+    from lynx_moe.measure.lm_eval import LynxHFLM
+    args = simple_parse_args_string(f"pretrained={tiny_dir},policy=affinity_binning:alpha=3,beta=4,dtype=float32")
+    lm = LynxHFLM(**args, device="cpu", batch_size=2)
+    assert lm.policy == lynx.AffinityBinning(alpha=3.0, beta=4)
+    args = simple_parse_args_string(f"pretrained={tiny_dir},policy=oea,k0=2")
+    assert LynxHFLM(**args, device="cpu").policy == lynx.OEA(k0=2)
+
+
 def test_lm_eval_model_runs_offline(tiny_dir, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -188,7 +188,7 @@ def test_set_policy_rejects_a_bad_spec_in_the_driver(llm):
 
 
 def test_set_policy_refuses_a_policy_the_model_cannot_run(llm):
-    with pytest.raises(Exception, match=r"StaticK\(k=64\) needs k <= the model's top_k"):
+    with pytest.raises(ValueError, match=r"StaticK\(k=64\) needs k <= the model's top_k"):
         set_policy(llm, "static_k:k=64")
     [s] = stats(llm)
     assert s["policy"] == "topk"                      # unchanged
@@ -221,7 +221,7 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def _official_clients(model: str, port: int, tmp_path: Path) -> None:
+def _official_clients(model: str, folder: str, port: int, tmp_path: Path) -> None:
     """What the README shows: the ``openai`` client (completion and chat) and stock lm-eval's
     ``local-completions`` model, run from a folder that is not the repository root."""
     from openai import OpenAI
@@ -234,8 +234,8 @@ def _official_clients(model: str, port: int, tmp_path: Path) -> None:
     out = tmp_path / "lm-eval"
     p = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-         f"model={model},base_url=http://127.0.0.1:{port}/v1/completions,tokenizer={model},num_concurrent=4",
-         "--tasks", "lynx_ref_next_word", "--include_path", str(Path(model) / "eval"), "--limit", "8",
+         f"model={model},base_url=http://127.0.0.1:{port}/v1/completions,tokenizer={folder},num_concurrent=4",
+         "--tasks", "lynx_ref_next_word", "--include_path", str(Path(folder) / "eval"), "--limit", "8",
          "--output_path", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
@@ -261,13 +261,15 @@ def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
                 break
             except OSError:
                 time.sleep(1)
+        [served] = [m["id"] for m in json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())["data"]]
+        assert served == Path(model_dir).name          # a folder is served under its name, as the reference is
         out = _post(f"http://127.0.0.1:{port}/v1/completions",
-                    {"model": model_dir, "prompt": "the quick brown fox", "max_tokens": 8,
+                    {"model": served, "prompt": "the quick brown fox", "max_tokens": 8,
                      "temperature": 0, "ignore_eos": True})
         assert out["usage"]["completion_tokens"] == 8
         assert isinstance(out["choices"][0]["text"], str)
         if _has_reference():   # the reference model ships a chat template and lm-eval tasks
-            _official_clients(model_dir, port, tmp_path)
+            _official_clients(served, model_dir, port, tmp_path)
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0
     finally:

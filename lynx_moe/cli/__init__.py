@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 __all__ = ["UsageError", "COMMANDS", "build_parser", "main"]
@@ -43,10 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _negative_values_attached(argv: list[str]) -> list[str]:
+    """``--batch-sizes -1,8`` becomes ``--batch-sizes=-1,8``: argparse would take ``-1,8`` for an
+    option and say "expected one argument"; attached, the option's own check names the value."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.fullmatch(r"-\d[\d,.]*", a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     # Must be set before torch starts its OpenMP pool: spinning threads stall small ops
     # 10-25x on a busy 2-core machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] not in (["lm-eval"], ["vllm"]):   # their arguments are the other tool's
+        argv = _negative_values_attached(argv)
     args = build_parser().parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -83,16 +84,18 @@ def check_counts(args: argparse.Namespace, at_least_one: tuple[str, ...] = (), a
 
 
 def writable_dir(path: Path, option: str = "--out") -> Path:
-    """Create ``path`` (and its parents) and check a file can be written there, before a long
-    run: a bad location is reported now, not after minutes of work."""
-    probe = Path(path) / ".lynx-write-check"
+    """Check, before a long run, that ``path`` can be created (or written to) as a folder, so a
+    bad location is reported now and not after minutes of work. Leaves nothing behind: the
+    command creates the folder when it writes its results."""
+    path = Path(path)
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
     try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        if not ancestor.is_dir():
+            raise NotADirectoryError(f"{ancestor} is a file")
+        tempfile.TemporaryDirectory(dir=ancestor).cleanup()
     except OSError as e:
         raise UsageError(f"{option} {path}: cannot write there ({e.strerror or e})") from None
-    return Path(path)
+    return path
 
 
 def progress_bar(desc: str, enabled: bool = True):

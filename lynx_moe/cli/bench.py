@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
               f"{c0['threads']} threads; load average {c0['load_average'][0]} -> "
               f"{c1['load_average'][0]} on {c0['cores']} cores")
     if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return 0

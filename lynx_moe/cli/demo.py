@@ -157,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     bench = speed_on_text(model, tokenizer, texts, policies, cfg.batch_size, size["bench_repeats"], progress_bar("speed"))
     rows = _rows(results, bench)
     title = f"{path.name}, batch {cfg.batch_size}"
+    out.mkdir(parents=True, exist_ok=True)
     plots = [distinct_per_layer(results, out / "distinct_per_layer.png", title=f"{title}: distinct experts "
                                 "per layer and decode step (legend: mean)"),
              quality_vs_saved(results, out / "quality_vs_saved.png", title=title)]

@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
                                                  "experts_ms_per_step")}
         summary["bench"] = {k: v for k, v in bench.items() if k != "results"}
     if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
         if sweep:
             from ..measure.plots import quality_vs_saved
             summary["plots"] = [str(quality_vs_saved(results, out / "sweep.png",

@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     stats = profile_stats(logits, ids, args.batch_sizes, preset.alpha, policies)
     stats.update({"model": str(path), "data": [str(d) for d in data], "preset": preset_name,
                   "prompt_len": args.prompt_len, "threads": torch.get_num_threads()})
+    out.mkdir(parents=True, exist_ok=True)
     if args.no_plots:
         stats["plots"] = []
     else:

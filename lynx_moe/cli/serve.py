@@ -71,23 +71,23 @@ def _settings_env(args: argparse.Namespace) -> dict[str, str]:
 def _model(rest: list[str]) -> str:
     """The MODEL argument (taken out of ``rest``), or the reference model. A path that is not a
     model folder is refused here; a bare ``name`` or ``org/name`` that is no local folder goes
-    to vLLM as a Hugging Face id."""
-    if not rest or rest[0].startswith("-"):
+    to vLLM as a Hugging Face id. A local folder is served under its folder name (clients ask
+    for ``lynx-ref-moe``, not a path), unless ``--served-model-name`` says otherwise."""
+    if rest and not rest[0].startswith("-"):
+        model = rest.pop(0)
+    else:
         from .. import reference_model_path
         try:
             model = str(reference_model_path())
         except FileNotFoundError as e:
             raise UsageError(f"no MODEL given and {e}") from None
-        if not any(a.split("=")[0] == "--served-model-name" for a in rest):
-            rest += ["--served-model-name", "lynx-ref-moe"]   # clients need not know the path
-        return model
-    model = rest.pop(0)
     path = Path(model).expanduser()
-    looks_local = model.startswith(("/", ".", "~")) or model.count("/") > 1
     if path.exists() and not (path / "config.json").is_file():
         raise UsageError(f"MODEL {model}: not a model folder (no config.json there)")
-    if not path.exists() and looks_local:
+    if not path.exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
         raise UsageError(f"MODEL {model}: no such model folder")
+    if path.exists() and not any(a.split("=")[0] == "--served-model-name" for a in rest):
+        rest += ["--served-model-name", path.resolve().name]
     return model
 
 

@@ -135,16 +135,17 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings | None:
     return Settings(default, tuple(models), every)
 
 
-def config_moe_shape(model: str) -> tuple[int, int] | None:
-    """``(experts, top-k)`` from a local model folder's ``config.json`` (None when ``model`` is
-    not a local folder or its config names no routed experts), to check a policy before vLLM
-    loads anything."""
-    path = Path(model).expanduser() / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    cfg = cfg.get("text_config", cfg)
+def config_moe_shape(model: str | dict) -> tuple[int, int] | None:
+    """``(experts, top-k)`` from a model config (a dict, or a local model folder's
+    ``config.json``); None when there is none or it names no routed experts. Used to check a
+    policy before vLLM loads anything."""
+    cfg = model
+    if not isinstance(cfg, dict):
+        try:
+            cfg = json.loads((Path(model).expanduser() / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    cfg = cfg.get("text_config") or cfg
     E = next((cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if isinstance(cfg.get(k), int)), None)
     K = cfg.get("num_experts_per_tok")
     return (E, K) if isinstance(E, int) and isinstance(K, int) else None
@@ -532,9 +533,13 @@ def stats(llm: Any, reset: bool = False) -> list[dict[str, Any]]:
 
 
 def set_policy(llm: Any, spec: str | dict | Policy | None) -> list[str]:
-    """Switch every worker's policy at run time (None: back to the configured one)."""
+    """Switch every worker's policy at run time (None: back to the configured one). A bad spec,
+    or a policy the model's top-k cannot run, raises ValueError here, in the driver, with the
+    message ``apply_`` gives; the engine is left as it was."""
     if isinstance(spec, Policy):
         spec = str(spec)
-    if isinstance(spec, str):
-        parse_spec(spec, "set_policy")   # fail here, in the driver, with the same message
+    if spec is not None:
+        parsed = parse_spec(spec, "set_policy")
+        hf_config = llm.llm_engine.model_config.hf_config
+        check_spec(parsed, config_moe_shape(hf_config.to_dict()))
     return llm.collective_rpc("lynx_set_policy", args=(spec,))

@@ -8,8 +8,10 @@
     lem.register()
     lm_eval.simple_evaluate(model="lynx-hf", model_args="pretrained=PATH,policy=oea:k0=2", tasks=[...])
 
-``policy`` is a ``lynx_moe.parse_policy`` spec. lm-eval splits ``model_args`` on commas, so
-inside the spec separate fields with ``;`` (or ``+``): ``affinity_binning:alpha=3;beta=4``.
+``policy`` is a ``lynx_moe.parse_policy`` spec, written as everywhere else:
+``policy=affinity_binning:alpha=3,beta=4``. lm-eval splits ``model_args`` on commas and hands
+``beta=4`` over as an argument of its own; every such argument that names a field of the
+policy goes back into the spec (``;`` or ``+`` between fields works too).
 No ``policy`` (or ``topk``) is native routing, for the baseline run. Every other argument is
 ``HFLM``'s.
 
@@ -31,6 +33,7 @@ calls it and then lm-eval's own command line) adds the name to its registry.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -43,7 +46,7 @@ except ImportError as e:  # pragma: no cover - depends on the installed extras
     raise ImportError("the lm-eval integration needs lm-eval: pip install 'lynx-moe[eval]'") from e
 
 from ..integrations import hf
-from ..policies import Policy, TopK, parse_policy, policy_from_dict
+from ..policies import POLICIES, Policy, TopK, parse_policy, policy_from_dict
 from .decode import prefill, teacher_forced
 
 __all__ = ["MODEL_NAME", "LynxHFLM", "register", "parse_policy_arg"]
@@ -65,11 +68,26 @@ def parse_policy_arg(spec: Any) -> Policy:
     return parse_policy(str(spec).replace(";", ",").replace("+", ","))
 
 
+def _fold_policy_fields(policy: Any, kwargs: dict[str, Any]) -> Any:
+    """``policy="affinity_binning:alpha=3"`` plus ``beta="4"`` (what lm-eval makes of
+    ``policy=affinity_binning:alpha=3,beta=4``) -> ``"affinity_binning:alpha=3,beta=4"``; the
+    folded keys leave ``kwargs``."""
+    if not isinstance(policy, str) or not policy.strip():
+        return policy
+    cls = POLICIES.get(policy.strip().partition(":")[0])
+    names = {f.name for f in dataclasses.fields(cls)} if cls is not None else set()
+    extra = [f"{k}={kwargs.pop(k)}" for k in list(kwargs) if k in names]
+    if not extra:
+        return policy
+    return policy + ("," if ":" in policy else ":") + ",".join(extra)
+
+
 class LynxHFLM(HFLM):
     """``HFLM`` whose model routes its decode steps with ``policy`` (see the module docstring)."""
 
     def __init__(self, pretrained: Any, policy: Any = None, decode_scoring: Any = False, **kwargs: Any) -> None:
-        self.policy = parse_policy_arg(policy)   # fail on a bad spec before loading anything
+        # fail on a bad spec before loading anything
+        self.policy = parse_policy_arg(_fold_policy_fields(policy, kwargs))
         self.decode_scoring = str(decode_scoring).strip().lower() in ("1", "true", "yes")
         super().__init__(pretrained=pretrained, **kwargs)
         hf.apply_(self.model, self.policy, stats=True)
