@@ -21,8 +21,18 @@ from pathlib import Path
 
 from . import presets
 from .policies import (
-    OEA, POLICIES, SER, AffinityBinning, BatchTopN, Confidence, Policy, StaticK, TopK, XShare,
-    parse_policy, policy_from_dict,
+    OEA,
+    POLICIES,
+    SER,
+    AffinityBinning,
+    BatchTopN,
+    Confidence,
+    Policy,
+    StaticK,
+    TopK,
+    XShare,
+    parse_policy,
+    policy_from_dict,
 )
 from .routing import Routing, changed_assignments, distinct_experts, route, select_experts
 

@@ -133,8 +133,8 @@ def test_logit_replay_feeds_recorded_logits():
 
 
 def test_step_bytes_match_shape():
-    from lynx_moe.measure.speed import StepBytes
     from lynx_moe.measure.shapes import SHAPES, build_stack
+    from lynx_moe.measure.speed import StepBytes
     shape = SHAPES["olmoe-tiny"]
     sb = StepBytes.of(build_stack(shape, layers=2))
     assert sb.expert == [shape.expert_bytes()] * 2

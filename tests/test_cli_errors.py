@@ -69,8 +69,8 @@ def test_a_negative_batch_size_is_named_not_taken_for_an_option(capsys):
 
 
 def test_serve_names_a_local_folder_by_its_name():
-    from lynx_moe.cli.serve import _model
     import lynx_moe
+    from lynx_moe.cli.serve import _model
     ref = lynx_moe.reference_model_path()
     rest = [str(ref), "--port", "8000"]
     assert _model(rest) == str(ref) and rest == ["--port", "8000", "--served-model-name", "lynx-ref-moe"]

@@ -17,17 +17,20 @@ import pytest
 import torch
 
 import lynx_moe as lynx
-from lynx_moe.measure import metrics
 from lynx_moe.cli import main
+from lynx_moe.measure import metrics
 
 from .cli_helpers import run_cli as _cli
 
 pytest.importorskip("transformers")
 
-from lynx_moe.measure.quality import expand_sweep  # noqa: E402
-from lynx_moe.measure.quality import EvalConfig, evaluate  # noqa: E402
-from lynx_moe.measure.decode import greedy, prefill, teacher_forced  # noqa: E402
 from lynx_moe.measure.data import load_tasks  # noqa: E402
+from lynx_moe.measure.decode import greedy, prefill, teacher_forced  # noqa: E402
+from lynx_moe.measure.quality import (  # noqa: E402
+    EvalConfig,
+    evaluate,
+    expand_sweep,  # noqa: E402
+)
 
 REF = Path(__file__).resolve().parent.parent / "models" / "lynx-ref-moe"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "

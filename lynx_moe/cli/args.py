@@ -12,7 +12,8 @@ import torch
 
 from . import UsageError
 
-__all__ = ["policy_arg", "positive_ints", "add_model", "add_data", "add_policies", "add_threads", "add_json_only", "add_count",
+__all__ = ["policy_arg", "positive_ints", "add_model", "add_data", "add_policies", "add_threads", "add_json_only",
+           "add_count",
            "set_threads", "check_counts", "writable_dir", "progress_bar", "add_passthrough", "run_passthrough"]
 
 
@@ -74,7 +75,8 @@ def set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def check_counts(args: argparse.Namespace, at_least_one: tuple[str, ...] = (), at_least_zero: tuple[str, ...] = ()) -> None:
+def check_counts(args: argparse.Namespace, at_least_one: tuple[str, ...] = (),
+                 at_least_zero: tuple[str, ...] = ()) -> None:
     """UsageError naming the option when a count is out of range."""
     for names, low in ((at_least_one, 1), (at_least_zero, 0)):
         for name in names:

@@ -42,8 +42,17 @@ from ..measure.speed import decode_speed, model_inputs, shape_inputs
 from ..presets import for_shape
 from . import UsageError
 from .args import (
-    add_count, add_data, add_json_only, add_model, add_policies, add_threads, check_counts, positive_ints,
-    progress_bar, set_threads, writable_dir,
+    add_count,
+    add_data,
+    add_json_only,
+    add_model,
+    add_policies,
+    add_threads,
+    check_counts,
+    positive_ints,
+    progress_bar,
+    set_threads,
+    writable_dir,
 )
 
 __all__ = ["add_arguments", "run"]

@@ -34,8 +34,9 @@ from pathlib import Path
 
 from .. import reference_model_path
 from ..integrations.hf import moe_shape
+from ..measure.data import load_inputs
 from ..measure.machine import conditions
-from ..measure.quality import EvalConfig, check_policies, evaluate, load_inputs
+from ..measure.quality import EvalConfig, check_policies, evaluate
 from ..measure.speed import speed_on_text
 from ..policies import parse_policy
 from ..presets import for_shape
@@ -154,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
                        min_over_chance=ABOVE_CHANCE)
     t_eval = time.perf_counter() - t0
     print(f"    {t_eval:.0f} s; 2/2 decode speed (interleaved timed rounds) ...", flush=True)
-    bench = speed_on_text(model, tokenizer, texts, policies, cfg.batch_size, size["bench_repeats"], progress_bar("speed"))
+    bench = speed_on_text(model, tokenizer, texts, policies, cfg.batch_size, size["bench_repeats"],
+                          progress_bar("speed"))
     rows = _rows(results, bench)
     title = f"{path.name}, batch {cfg.batch_size}"
     out.mkdir(parents=True, exist_ok=True)

@@ -37,13 +37,22 @@ from pathlib import Path
 import torch
 
 from ..integrations.hf import moe_shape
-from ..measure.quality import DEFAULT_SWEEP, EvalConfig, check_policies, evaluate, expand_sweep, load_inputs
+from ..measure.data import load_inputs
+from ..measure.quality import DEFAULT_SWEEP, EvalConfig, check_policies, evaluate, expand_sweep
 from ..measure.speed import speed_on_text
 from ..presets import for_shape
 from . import UsageError
 from .args import (
-    add_count, add_data, add_json_only, add_model, add_policies, add_threads, check_counts, progress_bar,
-    set_threads, writable_dir,
+    add_count,
+    add_data,
+    add_json_only,
+    add_model,
+    add_policies,
+    add_threads,
+    check_counts,
+    progress_bar,
+    set_threads,
+    writable_dir,
 )
 
 __all__ = ["add_arguments", "run", "format_table"]

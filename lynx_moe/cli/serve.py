@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("lynx serve needs vLLM: pip install 'lynx-moe[vllm]'") from None
     shown = " ".join(f"{k}={v}" for k, v in env.items())
-    print(f"lynx serve: {shown} vLLM OpenAI server --model {model} {' '.join(rest)}".rstrip(), file=sys.stderr, flush=True)
+    print(f"lynx serve: {shown} vLLM OpenAI server --model {model} {' '.join(rest)}".rstrip(),
+          file=sys.stderr, flush=True)
     child = subprocess.Popen(server_command(model, rest), env={**os.environ, **env})
 
     def forward(signum, _frame):

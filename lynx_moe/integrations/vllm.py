@@ -146,7 +146,8 @@ def config_moe_shape(model: str | dict) -> tuple[int, int] | None:
         except (OSError, json.JSONDecodeError):
             return None
     cfg = cfg.get("text_config") or cfg
-    E = next((cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if isinstance(cfg.get(k), int)), None)
+    E = next((cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts")
+              if isinstance(cfg.get(k), int)), None)
     K = cfg.get("num_experts_per_tok")
     return (E, K) if isinstance(E, int) and isinstance(K, int) else None
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 __all__ = ["encode", "load_texts", "default_data", "token_batch", "heldout_rows", "Task", "load_tasks",
-           "select_tasks", "default_eval_dir"]
+           "select_tasks", "default_eval_dir", "load_inputs"]
 
 _FIELD = re.compile(r"^\s*\{\{\s*(\w+)\s*\}\}\s*$")
 _BARE = re.compile(r"^\s*(\w+)\s*$")
@@ -268,3 +268,26 @@ def select_tasks(tasks: dict[str, Task], names: list[str]) -> list[Task]:
                              f"task {name!r} is ambiguous: {', '.join(t.name for t in hits)}")
         out.append(hits[0])
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Everything an evaluation reads
+
+def load_inputs(model_path: Path | None, data: list[Path] | None, eval_dir: Path | None, task_names: list[str]):
+    """``(model, tokenizer, path, texts, tasks)`` of an evaluation: the model folder (default:
+    the reference model), its held-out text (or ``data``) and the named tasks of its lm-eval
+    YAMLs (or ``eval_dir``'s; ``["all"]``, ``["none"]``). ValueError for a bad name."""
+    from .. import reference_model_path
+    from .models import load_model
+    path = Path(model_path) if model_path else reference_model_path()
+    model, tokenizer = load_model(path)
+    if tokenizer is None:
+        raise ValueError(f"{path}: no tokenizer there (an evaluation needs one to read text and tasks)")
+    tasks = []
+    if task_names != ["none"]:
+        eval_dir = eval_dir or default_eval_dir(path)
+        try:
+            tasks = select_tasks(load_tasks(eval_dir) if eval_dir else {}, task_names or ["all"])
+        except ValueError as e:
+            raise ValueError(f"tasks: {e} (in {eval_dir})") from None
+    return model, tokenizer, path, load_texts(data or [default_data(path)]), tasks

@@ -12,9 +12,8 @@ backend (no display needed); matplotlib is imported on first use.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 __all__ = ["require", "distinct_per_layer", "quality_vs_saved", "profile_plots"]
 

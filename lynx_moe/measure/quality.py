@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,11 +26,10 @@ import torch
 from ..integrations import hf
 from ..policies import Policy, TopK, parse_policy
 from . import metrics
-from .data import Task, default_data, default_eval_dir, encode, heldout_rows, load_tasks, load_texts, select_tasks
-from .models import load_model
+from .data import Task, encode, heldout_rows
 from .decode import greedy, prefill, teacher_forced
 
-__all__ = ["EvalConfig", "evaluate", "load_inputs", "expand_sweep", "check_policies", "DEFAULT_SWEEP"]
+__all__ = ["EvalConfig", "evaluate", "expand_sweep", "check_policies", "DEFAULT_SWEEP"]
 
 DEFAULT_SWEEP = "affinity_binning:alpha=1|3,beta=1|2|4"
 
@@ -392,25 +390,6 @@ def expand_sweep(spec: str, max_points: int = 64) -> list[Policy]:
     if len(combos) > max_points:
         raise ValueError(f"sweep {spec!r} has {len(combos)} settings; at most {max_points}")
     return [parse_policy(name + (":" + ",".join(f"{k}={v}" for k, v in c) if c else "")) for c in combos]
-
-
-def load_inputs(model_path: Path | None, data: list[Path] | None, eval_dir: Path | None, task_names: list[str]):
-    """``(model, tokenizer, path, texts, tasks)`` of an evaluation: the model folder (default:
-    the reference model), its held-out text (or ``data``) and the named tasks of its lm-eval
-    YAMLs (or ``eval_dir``'s; ``["all"]``, ``["none"]``). ValueError for a bad name."""
-    from .. import reference_model_path
-    path = Path(model_path) if model_path else reference_model_path()
-    model, tokenizer = load_model(path)
-    if tokenizer is None:
-        raise ValueError(f"{path}: no tokenizer there (an evaluation needs one to read text and tasks)")
-    tasks = []
-    if task_names != ["none"]:
-        eval_dir = eval_dir or default_eval_dir(path)
-        try:
-            tasks = select_tasks(load_tasks(eval_dir) if eval_dir else {}, task_names or ["all"])
-        except ValueError as e:
-            raise ValueError(f"tasks: {e} (in {eval_dir})") from None
-    return model, tokenizer, path, load_texts(data or [default_data(path)]), tasks
 
 
 def check_policies(model, policies: list[Policy]) -> None:

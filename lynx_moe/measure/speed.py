@@ -33,7 +33,7 @@ from ..policies import Policy, TopK
 from ..presets import for_shape
 from .data import default_data, load_texts, token_batch
 from .decode import decode_steps, prefill, record_routing
-from .machine import copy_bandwidth, conditions
+from .machine import conditions, copy_bandwidth
 from .models import load_model
 from .shapes import LogitReplay, build_stack, get_shape
 
