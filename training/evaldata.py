@@ -336,13 +336,12 @@ def build_next_word(corpus: Path, out: Path, rng: random.Random, freqs, per_doma
     print(f"next_word: {len(rows)} items")
 
 
-def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain: int = 175,
-                        cross_domain: bool = False, name: str = "next_sentence"):
-    """Context ending at a sentence end -> the true next sentence vs 3 sentences from other test docs."""
-    rows = []
+def test_sentences(corpus: Path, rng: random.Random) -> dict:
+    """Per domain ``(sentences, texts)``: shuffled ``(doc_id, start, sentence)`` of test-split
+    sentences with >= 5 words and <= 150 characters on one line, and each document's text."""
     all_sents = {}
     for d in TEXT_DOMAINS:
-        sents = []  # (doc_id, start, end) of sentences with >= 5 words and <= 150 chars on one line
+        sents = []
         texts = {}
         for doc in docs(corpus, d, "test"):
             text = doc["text"]
@@ -352,6 +351,14 @@ def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain:
                     sents.append((doc["id"], m.start(), m.group(1)))
         rng.shuffle(sents)
         all_sents[d] = (sents, texts)
+    return all_sents
+
+
+def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain: int = 175,
+                        cross_domain: bool = False, name: str = "next_sentence"):
+    """Context ending at a sentence end -> the true next sentence vs 3 sentences from other test docs."""
+    rows = []
+    all_sents = test_sentences(corpus, rng)
     for d in TEXT_DOMAINS:
         sents, texts = all_sents[d]
         other = [x for e in TEXT_DOMAINS if e != d for x in all_sents[e][0]]
@@ -399,6 +406,7 @@ def main():
     ap.add_argument("--tokenizer", default=str(REPO / "models/lynx-ref-moe"))
     ap.add_argument("--skip-heldout", action="store_true", help="do not rebuild the perplexity segments")
     ap.add_argument("--all-tasks", action="store_true", help="also build the tasks that are not shipped")
+    ap.add_argument("--tasks", default=None, help="comma-separated tasks to build (default: the shipped ones)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -406,7 +414,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / LOADER_NAME).write_text(LOADER)
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    tasks = ALL_TASKS if args.all_tasks else DEFAULT_TASKS
+    tasks = args.tasks.split(",") if args.tasks else ALL_TASKS if args.all_tasks else DEFAULT_TASKS
     if not args.skip_heldout:
         build_heldout(corpus, out, tok, random.Random(SEED))
     if "wn_gloss" in tasks:

@@ -15,7 +15,8 @@ model's ``eval/*.yaml``), so ``lynx eval`` and ``lynx lm-eval`` score the same i
   ``acc`` (summed log-likelihood).
 - ``output_type: generate_until`` -> ``Task(kind="generate")``: ``doc_to_target`` is the
   answer, scored by exact match of the first generated word; "chance" is the share of items
-  whose answer is the most common answer (what always giving that answer would score).
+  whose answer is the most common answer (what always giving that answer would score). A
+  generation task scored by another metric (chrF, BLEU, ...) is left to lm-eval.
 
 Templates are ``{{field}}`` or a bare field name (anything else goes through jinja2, which
 lm-eval brings). ``loglikelihood_rolling`` tasks are the held-out text, read directly.
@@ -240,6 +241,8 @@ def _task_from_yaml(path: Path) -> Task | None:
     # The headline metric: acc_norm where the task lists it (choices of unequal length, where
     # summed log-likelihood favours short ones), else acc / exact match.
     metrics = [m.get("metric") for m in spec.get("metric_list") or [] if isinstance(m, dict)]
+    if kind == "generate" and "exact_match" not in metrics:
+        return None   # chrF, BLEU, ...: lm-eval scores those; lynx eval scores exact matches
     metric = "acc_norm" if kind == "choice" and "acc_norm" in metrics else "acc"
     return Task(str(spec["task"]), kind, items, int(gen.get("max_gen_toks", 8)), str(data), until, metric)
 
