@@ -363,3 +363,11 @@ def test_lm_eval_decode_scoring_matches_prefill_under_native_routing(tiny_dir, t
     lynx.apply_(lm.model, lynx.AffinityBinning(alpha=1.0, beta=1))
     changed = lm._loglikelihood_tokens(reqs, disable_tqdm=True)
     assert any(abs(a - b) > 1e-4 for (a, _), (b, _) in zip(changed, ours))
+
+
+def test_lm_eval_model_checks_the_policy_against_the_config_before_loading(tmp_path):
+    pytest.importorskip("lm_eval")
+    from lynx_moe.measure.lm_eval import LynxHFLM
+    (tmp_path / "config.json").write_text(json.dumps({"num_experts": 64, "num_experts_per_tok": 8}))
+    with pytest.raises(ValueError, match=r"StaticK\(k=9\) needs k <= the model's top_k=8"):
+        LynxHFLM(pretrained=str(tmp_path), policy="static_k:k=9")   # no weights there: nothing was loaded

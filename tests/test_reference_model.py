@@ -123,3 +123,27 @@ def test_chat_template_renders_a_conversation():
             {"role": "assistant", "content": "Reynard."}, {"role": "user", "content": "Another?"}]
     text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert text == "Be brief.\n\nQ: Name a fox.\nA: Reynard.\nQ: Another?\nA:"
+
+
+def test_lm_eval_sees_a_policy_only_in_decode_mode(monkeypatch):
+    """Stock lm-eval scores loglikelihood requests in one prefill, which is routed natively, so
+    every policy gets native's score; with ``decode_scoring=true`` the continuation is fed as
+    decode steps with the batch voting, and an aggressive policy scores differently."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from lynx_moe.measure.lm_eval import register
+    register()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tasks = TaskManager(include_path=str(PATH / "eval"))
+
+    def word_ppl(policy: str, decode: bool) -> float:
+        out = lm_eval.simple_evaluate(
+            model="lynx-hf", model_args=f"pretrained={PATH},policy={policy},decode_scoring={decode},dtype=float32",
+            tasks=["lynx_ref_ppl_bible"], task_manager=tasks, device="cpu", batch_size=8, limit=8)
+        return out["results"]["lynx_ref_ppl_bible"]["word_perplexity,none"]
+
+    native = word_ppl("topk", False)
+    assert word_ppl("xshare:budget=8", False) == native                 # prefill: the policy is invisible
+    assert word_ppl("topk", True) == pytest.approx(native, rel=1e-3)    # decode mode, native: the same score
+    assert word_ppl("xshare:budget=8", True) > native * 1.01            # decode mode: the cut shows

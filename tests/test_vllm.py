@@ -392,3 +392,18 @@ def test_lynx_vllm_runs_vllms_own_command_line():
     assert p.returncode == 0 and p.stdout.strip().startswith(vllm.__version__), p.stderr[-2000:]
     p = subprocess.run([*LYNX, "vllm", "bench", "serve", "--help"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "usage: vllm bench serve" in p.stdout, p.stderr[-2000:]
+
+
+def test_the_plugin_refuses_a_policy_the_model_cannot_run_as_the_model_loads():
+    """The first router of a model checks the configured policy against the model's config
+    (vLLM then fails to start with that ValueError as the root cause, instead of serving
+    natively after a warning); ``preset`` and shapes it cannot read pass."""
+    import logging
+
+    from lynx_moe.integrations.vllm import Settings, _State
+    state = _State(Settings(default=lynx.StaticK(k=64)), logging.getLogger("test"))
+    with pytest.raises(ValueError, match=r"StaticK\(k=64\) needs k <= the model's top_k=8"):
+        state.add_layer(object(), "m", (64, 8))
+    assert state.layers == []
+    assert state.add_layer(object(), "m", None) == 0                     # config without routed experts
+    assert _State(Settings(default=PRESET), None).add_layer(object(), "m", (64, 8)) == 0

@@ -92,7 +92,8 @@ def _model(rest: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..integrations.vllm import check_spec, config_moe_shape, load_settings, parse_spec
+    from ..integrations.hf import config_moe_shape
+    from ..integrations.vllm import check_spec, load_settings, parse_spec
     rest = list(getattr(args, "vllm_args", []))
     env = _settings_env(args)
     if args.policy is not None:

@@ -37,8 +37,10 @@ Legend: B sequences, T router rows (B x query length), E experts, K top-k.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -47,8 +49,8 @@ from torch import nn
 from ..policies import Policy
 from ..routing import distinct_experts, route
 
-__all__ = ["SUPPORTED", "MoeLayer", "moe_layers", "moe_shape", "LayerStats", "apply_", "remove_", "applied",
-           "routing_stats", "reset_stats"]
+__all__ = ["SUPPORTED", "MoeLayer", "moe_layers", "moe_shape", "config_moe_shape", "LayerStats", "apply_", "remove_",
+           "applied", "routing_stats", "reset_stats"]
 
 _STATE = "_lynx_moe"  # attribute of the patched model (its _State) and of each patched router (its _Layer)
 
@@ -224,6 +226,23 @@ def moe_layers(model: nn.Module) -> list[MoeLayer]:
     return [MoeLayer(name, m, getattr(modules.get(name.rpartition(".")[0]), "experts", None),
                      int(m.num_experts), int(m.top_k))
             for name, m in modules.items() if _handler(m) is not None]
+
+
+def config_moe_shape(model: str | dict) -> tuple[int, int] | None:
+    """``(experts, top-k)`` from a model config (a dict, or a local model folder's
+    ``config.json``); None when there is none or it names no routed experts. Used to check a
+    policy before a framework loads any weights (``moe_shape`` reads a loaded model)."""
+    cfg = model
+    if not isinstance(cfg, dict):
+        try:
+            cfg = json.loads((Path(model).expanduser() / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    cfg = cfg.get("text_config") or cfg
+    E = next((cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts")
+              if isinstance(cfg.get(k), int)), None)
+    K = cfg.get("num_experts_per_tok")
+    return (E, K) if isinstance(E, int) and isinstance(K, int) else None
 
 
 def moe_shape(model: nn.Module) -> tuple[int, int]:

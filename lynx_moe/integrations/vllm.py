@@ -49,9 +49,10 @@ import torch
 from ..policies import Policy, TopK, parse_policy, policy_from_dict
 from ..presets import for_shape
 from ..routing import distinct_experts, route
+from .hf import config_moe_shape
 
-__all__ = ["register", "Settings", "load_settings", "parse_spec", "check_spec", "config_moe_shape",
-           "decode_and_valid_masks", "stats", "set_policy", "PRESET", "SUPPORTED_VLLM"]
+__all__ = ["register", "Settings", "load_settings", "parse_spec", "check_spec", "decode_and_valid_masks", "stats",
+           "set_policy", "PRESET", "SUPPORTED_VLLM"]
 
 SUPPORTED_VLLM = ("0.32.",)
 PRESET = "preset"   # a spec meaning "the authors' preset for this layer's shape"
@@ -133,23 +134,6 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings | None:
     except (TypeError, ValueError):
         raise ValueError(f"{_ENV_EVERY}: expected an integer >= 0 (0: no log), got {every_raw!r}") from None
     return Settings(default, tuple(models), every)
-
-
-def config_moe_shape(model: str | dict) -> tuple[int, int] | None:
-    """``(experts, top-k)`` from a model config (a dict, or a local model folder's
-    ``config.json``); None when there is none or it names no routed experts. Used to check a
-    policy before vLLM loads anything."""
-    cfg = model
-    if not isinstance(cfg, dict):
-        try:
-            cfg = json.loads((Path(model).expanduser() / "config.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-    cfg = cfg.get("text_config") or cfg
-    E = next((cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts")
-              if isinstance(cfg.get(k), int)), None)
-    K = cfg.get("num_experts_per_tok")
-    return (E, K) if isinstance(E, int) and isinstance(K, int) else None
 
 
 def check_spec(spec: Spec | None, shape: tuple[int, int] | None) -> None:
@@ -279,7 +263,11 @@ class _State:
         self._warned: set[str] = set()
         self._window: dict[int, list[int]] = {}
 
-    def add_layer(self, router: Any, model: str | None) -> int:
+    def add_layer(self, router: Any, model: str | None, shape: tuple[int, int] | None = None) -> int:
+        """Register a router as vLLM builds the model; the first one of a model checks the
+        configured policy against the model's top-k (ValueError: the model does not load)."""
+        if not any(L.model == model for L in self.layers):
+            check_spec(self.settings.spec_for(model), shape)
         self.layers.append(_Layer(len(self.layers), model, router))
         return len(self.layers) - 1
 
@@ -426,11 +414,14 @@ def _check_version() -> None:
             "to run vLLM without lynx-moe.")
 
 
-def _current_model() -> str | None:
+def _current_model() -> tuple[str | None, tuple[int, int] | None]:
+    """The model being built (name or path) and its ``(experts, top-k)`` from its config."""
     from vllm.config import get_current_vllm_config_or_none
     cfg = get_current_vllm_config_or_none()
     model_config = getattr(cfg, "model_config", None)
-    return getattr(model_config, "model", None)
+    hf_config = getattr(model_config, "hf_config", None)
+    shape = config_moe_shape(hf_config.to_dict()) if hasattr(hf_config, "to_dict") else None
+    return getattr(model_config, "model", None), shape
 
 
 def _install(logger: Any) -> None:
@@ -446,7 +437,7 @@ def _install(logger: Any) -> None:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        self._lynx_layer = None if _STATE is None else _STATE.add_layer(self, _current_model())
+        self._lynx_layer = None if _STATE is None else _STATE.add_layer(self, *_current_model())
 
     def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, *, input_ids=None):
         w, ids = select(self, hidden_states, router_logits, topk_indices_dtype, input_ids=input_ids)

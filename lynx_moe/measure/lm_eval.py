@@ -86,8 +86,11 @@ class LynxHFLM(HFLM):
     """``HFLM`` whose model routes its decode steps with ``policy`` (see the module docstring)."""
 
     def __init__(self, pretrained: Any, policy: Any = None, decode_scoring: Any = False, **kwargs: Any) -> None:
-        # fail on a bad spec before loading anything
+        # fail on a bad spec, or one the model's top-k cannot run, before loading anything
         self.policy = parse_policy_arg(_fold_policy_fields(policy, kwargs))
+        shape = hf.config_moe_shape(pretrained) if isinstance(pretrained, str) else None
+        if shape is not None:
+            self.policy.check_top_k(shape[1])
         self.decode_scoring = str(decode_scoring).strip().lower() in ("1", "true", "yes")
         super().__init__(pretrained=pretrained, **kwargs)
         hf.apply_(self.model, self.policy, stats=True)
