@@ -49,13 +49,12 @@ def test_config_is_olmoe_64x8(model_and_tok):
 
 
 @torch.no_grad()
-def test_quick_test_split_perplexity_matches_card(model_and_tok):
-    model, tok = model_and_tok
-    metrics = json.loads((PATH / "metrics.json").read_text())
-    quick = metrics["test_perplexity_quick"]
+def _quick_perplexity(model, tok, path: Path) -> tuple[float, float]:
+    """(recomputed, card) perplexity over the first segments of each held-out domain."""
+    quick = json.loads((path / "metrics.json").read_text())["test_perplexity_quick"]
     n = quick["segments_per_domain"]
     texts = []
-    for f in sorted((PATH / "eval" / "heldout").glob("*.jsonl")):
+    for f in sorted((path / "eval" / "heldout").glob("*.jsonl")):
         with open(f, encoding="utf-8") as fh:
             texts += [json.loads(line)["text"] for line in fh][:n]
     assert len(texts) >= 8 * n
@@ -74,10 +73,39 @@ def test_quick_test_split_perplexity_matches_card(model_and_tok):
         tok_lp = lp.gather(-1, x[:, 1:, None])[..., 0] * m[:, 1:]
         nll -= float(tok_lp.sum())
         count += int(m[:, 1:].sum())
-    ppl = math.exp(nll / count)
-    assert ppl == pytest.approx(quick["value"], rel=0.02), (ppl, quick["value"])
-    # and the card shows the same number
-    assert str(quick["value"]) in (PATH / "README.md").read_text()
+    return math.exp(nll / count), quick["value"]
+
+
+def test_quick_test_split_perplexity_matches_card(model_and_tok):
+    ppl, card = _quick_perplexity(*model_and_tok, PATH)
+    assert ppl == pytest.approx(card, rel=0.02), (ppl, card)
+    assert str(card) in (PATH / "README.md").read_text()   # and the card shows the same number
+
+
+QWEN = PATH.parent / "lynx-ref-qwen3moe"
+
+
+@pytest.mark.skipif(not (QWEN / "model.safetensors").exists(), reason="Qwen3-MoE reference checkpoint missing")
+def test_qwen3_moe_reference_model_matches_its_card():
+    """The second reference model: Qwen3-MoE-style, 128 experts top-8 with normalised top-k,
+    under 48 MB, same tokenizer and held-out text; a batch of 32 decode rows touches most experts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lynx_moe as lynx
+    assert (QWEN / "model.safetensors").stat().st_size < 48e6
+    assert (QWEN / "tokenizer.json").read_bytes() == (PATH / "tokenizer.json").read_bytes()
+    tok = AutoTokenizer.from_pretrained(QWEN)
+    model = AutoModelForCausalLM.from_pretrained(QWEN, dtype=torch.float32).eval()
+    cfg = model.config
+    assert cfg.model_type == "qwen3_moe" and (cfg.num_experts, cfg.num_experts_per_tok) == (128, 8)
+    assert cfg.norm_topk_prob
+    ppl, card = _quick_perplexity(model, tok, QWEN)
+    assert ppl == pytest.approx(card, rel=0.02), (ppl, card)
+    assert str(card) in (QWEN / "README.md").read_text()
+    distinct = json.loads((QWEN / "metrics.json").read_text())["distinct_experts_per_decode_step"]
+    assert distinct["32"]["mean"] > 64 and distinct["1"]["mean"] == 8
+    lynx.apply_(model, lynx.AffinityBinning(alpha=3.0, beta=2))    # a supported architecture for the HF patch
+    lynx.remove_(model)
 
 
 @torch.no_grad()

@@ -550,6 +550,59 @@ TASK_DESC = {
 }
 
 
+def heldout_metrics(model, tok, ev: Path, E: int, limit: int = 0) -> dict:
+    """Test perplexity per domain (and the quick subset) and the router load of every layer on
+    ``ev/heldout/*.jsonl``: the ``test_perplexity``, ``test_perplexity_quick`` and
+    ``expert_load_test`` entries of metrics.json (also used by ``training.refcard``)."""
+    domains = sorted(p.stem for p in (ev / "heldout").glob("*.jsonl"))
+    tap = RouterTap(model)
+    per_dom, quick, loads, dom_counts = {}, [], None, {}
+    for d in domains:
+        texts = [r["text"] for r in read_jsonl(ev / "heldout" / f"{d}.jsonl")]
+        if limit:
+            texts = texts[:limit]
+        pairs, routed = segment_nll(model, tok, texts, tap=tap)
+        per_dom[d] = {"ppl": round(ppl(pairs), 3), "segments": len(pairs), "tokens": sum(b for _, b in pairs)}
+        quick += pairs[:QUICK_SEGMENTS]
+        counts = [torch.bincount(r.reshape(-1), minlength=E).double() for r in routed]
+        dom_counts[d] = counts
+        loads = counts if loads is None else [a + b for a, b in zip(loads, counts)]
+        print(f"ppl {d}: {per_dom[d]['ppl']}", flush=True)
+    tap.close()
+    all_ppl = math.exp(sum(math.log(v["ppl"]) * v["tokens"] for v in per_dom.values())
+                       / sum(v["tokens"] for v in per_dom.values()))
+    layer_load = []
+    for li, c in enumerate(loads):
+        share = c / c.sum()
+        layer_load.append({"layer": li, "cv": round(float(share.std() / share.mean()), 3),
+                           "max_share_x_E": round(float(share.max() * E), 2),
+                           "min_share_x_E": round(float(share.min() * E), 2),
+                           "experts_below_quarter_of_uniform": int((share * E < 0.25).sum()),
+                           "experts_never_used": int((c == 0).sum())})
+    # specialisation: share of a domain's slots that go to its 8 most used experts (uniform = 8/E)
+    spec = {d: [round(float(torch.topk(c / c.sum(), 8).values.sum()), 3) for c in dom_counts[d]] for d in domains}
+    return {"test_perplexity": {"per_domain": per_dom, "all_domains_token_weighted": round(all_ppl, 3)},
+            "test_perplexity_quick": {"value": round(ppl(quick), 4), "segments_per_domain": QUICK_SEGMENTS,
+                                      "definition": f"exp(total NLL / tokens) over the first {QUICK_SEGMENTS} "
+                                                    "segments of each eval/heldout/<domain>.jsonl, BOS + segment, fp32"},
+            "expert_load_test": {"per_layer": layer_load, "top8_expert_share_per_domain_per_layer": spec,
+                                 "top8_share_if_uniform": round(8 / E, 4)}}
+
+
+def decode_pool(tok, ev: Path, n: int = 64) -> list[list[int]]:
+    """``n`` held-out segments of >= 64 tokens (BOS first), shuffled with the card's seed: the rows
+    ``distinct_experts`` decodes."""
+    rng = random.Random(SEED)
+    pool = []
+    for p in sorted((ev / "heldout").glob("*.jsonl")):
+        for r in read_jsonl(p):
+            ids = [tok.bos_token_id] + tok(r["text"], add_special_tokens=False)["input_ids"]
+            if len(ids) >= 64:
+                pool.append(ids)
+    rng.shuffle(pool)
+    return pool[:n]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(REPO / "models/lynx-ref-moe"))
@@ -577,49 +630,12 @@ def main():
     t0 = time.time()
 
     # ---- perplexity + router load on held-out test text
-    domains = sorted(p.stem for p in (ev / "heldout").glob("*.jsonl"))
-    tap = RouterTap(model)
-    per_dom, quick, loads, dom_counts = {}, [], None, {}
-    for d in domains:
-        texts = [r["text"] for r in read_jsonl(ev / "heldout" / f"{d}.jsonl")]
-        if args.limit:
-            texts = texts[:args.limit]
-        pairs, routed = segment_nll(model, tok, texts, tap=tap)
-        per_dom[d] = {"ppl": round(ppl(pairs), 3), "segments": len(pairs), "tokens": sum(b for _, b in pairs)}
-        quick += pairs[:QUICK_SEGMENTS]
-        counts = [torch.bincount(r.reshape(-1), minlength=E).double() for r in routed]
-        dom_counts[d] = counts
-        loads = counts if loads is None else [a + b for a, b in zip(loads, counts)]
-        print(f"ppl {d}: {per_dom[d]['ppl']}", flush=True)
-    tap.close()
-    all_pairs_ppl = math.exp(sum(per_dom[d]["ppl"] and math.log(per_dom[d]["ppl"]) * per_dom[d]["tokens"]
-                                 for d in domains) / sum(per_dom[d]["tokens"] for d in domains))
-    metrics["test_perplexity"] = {"per_domain": per_dom, "all_domains_token_weighted": round(all_pairs_ppl, 3)}
-    metrics["test_perplexity_quick"] = {"value": round(ppl(quick), 4), "segments_per_domain": QUICK_SEGMENTS,
-                                        "definition": f"exp(total NLL / tokens) over the first {QUICK_SEGMENTS} segments of each "
-                                                      "eval/heldout/<domain>.jsonl, BOS + segment, fp32"}
-    layer_load = []
-    for li, c in enumerate(loads):
-        share = c / c.sum()
-        layer_load.append({"layer": li, "cv": round(float(share.std() / share.mean()), 3),
-                           "max_share_x_E": round(float(share.max() * E), 2),
-                           "min_share_x_E": round(float(share.min() * E), 2),
-                           "experts_below_quarter_of_uniform": int((share * E < 0.25).sum())})
-    # specialisation: share of a domain's slots that go to its 8 most used experts (uniform = 8/64 = 0.125)
-    spec = {d: [round(float(torch.topk(c / c.sum(), 8).values.sum()), 3) for c in dom_counts[d]] for d in domains}
-    metrics["expert_load_test"] = {"per_layer": layer_load, "top8_expert_share_per_domain_per_layer": spec}
+    metrics.update(heldout_metrics(model, tok, ev, E, args.limit))
     print("load done", round(time.time() - t0), flush=True)
 
     # ---- distinct experts per decode step
-    rng = random.Random(SEED)
-    pool = []
-    for d in domains:
-        for r in read_jsonl(ev / "heldout" / f"{d}.jsonl"):
-            ids = [tok.bos_token_id] + tok(r["text"], add_special_tokens=False)["input_ids"]
-            if len(ids) >= 64:
-                pool.append(ids)
-    rng.shuffle(pool)
-    metrics["distinct_experts_per_decode_step"] = distinct_experts(model, tok, pool[:64])
+    pool = decode_pool(tok, ev)
+    metrics["distinct_experts_per_decode_step"] = distinct_experts(model, tok, pool)
     print("distinct done", metrics["distinct_experts_per_decode_step"], round(time.time() - t0), flush=True)
 
     # ---- tasks

@@ -3,6 +3,12 @@
 Usage:
   python -m training.train --steps 1200                 # train (resumes from runs/train/ckpt.pt if present)
   python -m training.train --bench 35 --expert-ffn 64   # measure throughput only (no files written)
+  python -m training.train --arch qwen3_moe --experts 128 --expert-ffn 32 \
+      --run-dir runs/train-qwen3moe --out models/lynx-ref-qwen3moe ...   # Qwen3-MoE-style model (lynx-ref-qwen3moe)
+
+--arch olmoe (default) builds OlmoeForCausalLM with norm_topk_prob=False; --arch qwen3_moe builds
+Qwen3MoeForCausalLM (every layer sparse, normalised top-k, QK-norm). The model folder (--out, alias
+--export) must already hold the tokenizer files (tokenizer.json, tokenizer_config.json).
 
 Logs JSON lines to runs/train/log.jsonl (and stdout): step, tokens seen, loss, aux loss, lr,
 tokens/s, per-layer expert load (CV of the per-expert share of top-k slots, max/min share x E),
@@ -27,31 +33,27 @@ from training.tokenizer import domain_weights
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 1234
+# per --arch: (default --run-dir, default --out); the OLMoE run's checkpoints and model are never touched otherwise
+ARCH_DEFAULTS = {"olmoe": ("runs/train", "models/lynx-ref-moe"),
+                 "qwen3_moe": ("runs/train-qwen3moe", "models/lynx-ref-qwen3moe")}
 
 
 def make_config(args, vocab_size: int, eos_id: int, pad_id: int):
-    from transformers import OlmoeConfig
+    """The model config of ``--arch``: OLMoE (softmax top-k, not renormalised) or Qwen3-MoE-style
+    (every layer sparse, no shared expert, top-k weights renormalised, QK-norm)."""
+    from transformers import OlmoeConfig, Qwen3MoeConfig
 
-    return OlmoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=args.hidden,
-        intermediate_size=args.expert_ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        num_experts=args.experts,
-        num_experts_per_tok=args.topk,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        output_router_logits=True,
-        router_aux_loss_coef=0.01,
-        norm_topk_prob=False,
-        tie_word_embeddings=args.tie,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        initializer_range=0.02,
-    )
+    common = dict(vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.expert_ffn,
+                  num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                  num_experts=args.experts, num_experts_per_tok=args.topk, max_position_embeddings=1024,
+                  rope_theta=10000.0, output_router_logits=True, router_aux_loss_coef=0.01,
+                  tie_word_embeddings=args.tie, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+                  initializer_range=0.02)
+    if args.arch == "qwen3_moe":
+        # intermediate_size is the dense-MLP width, unused because every layer is sparse
+        return Qwen3MoeConfig(**common, moe_intermediate_size=args.expert_ffn, head_dim=args.hidden // args.heads,
+                              decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+    return OlmoeConfig(**common, norm_topk_prob=False)
 
 
 class Data:
@@ -120,8 +122,12 @@ def heldout(model, val: Data, seq: int, n_per_domain: int):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default=str(REPO / "runs/tokens"))
-    ap.add_argument("--run-dir", default=str(REPO / "runs/train"))
-    ap.add_argument("--export", default=str(REPO / "models/lynx-ref-moe"))
+    ap.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="olmoe")
+    ap.add_argument("--run-dir", default=None, help="checkpoints + log; default runs/train (olmoe), "
+                                                    "runs/train-qwen3moe (qwen3_moe)")
+    ap.add_argument("--out", "--export", dest="export", default=None,
+                    help="model folder: tokenizer is read from it, the final bf16 export is written to it; "
+                         "default models/lynx-ref-moe (olmoe), models/lynx-ref-qwen3moe (qwen3_moe)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -143,16 +149,18 @@ def main():
     ap.add_argument("--bench", type=float, default=0.0, help="seconds of throughput measurement, then exit")
     ap.add_argument("--deadline", default="", help="UTC HH:MM; stop early, checkpoint and export if reached")
     args = ap.parse_args()
+    args.run_dir = args.run_dir or str(REPO / ARCH_DEFAULTS[args.arch][0])
+    args.export = args.export or str(REPO / ARCH_DEFAULTS[args.arch][1])
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
-    from transformers import AutoTokenizer, OlmoeForCausalLM
+    from transformers import AutoTokenizer, OlmoeForCausalLM, Qwen3MoeForCausalLM
 
     tokens_dir = Path(args.tokens)
     index = json.loads((tokens_dir / "index.json").read_text())
     tok = AutoTokenizer.from_pretrained(args.export)
     cfg = make_config(args, index["vocab_size"], tok.eos_token_id, tok.pad_token_id)
-    model = OlmoeForCausalLM(cfg)
+    model = {"olmoe": OlmoeForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM}[args.arch](cfg)
     n_params = sum(p.numel() for p in model.parameters())
     n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     active = n_params - n_expert + n_expert * args.topk // args.experts
@@ -180,7 +188,7 @@ def main():
             if t0 and time.time() - t0 > args.bench:
                 break
         dt = time.time() - t0
-        print(json.dumps({"bench": True, "layers": args.layers, "hidden": args.hidden, "experts": args.experts,
+        print(json.dumps({"bench": True, "arch": args.arch, "layers": args.layers, "hidden": args.hidden, "experts": args.experts,
                           "topk": args.topk, "expert_ffn": args.expert_ffn, "tie": args.tie,
                           "params_M": round(n_params / 1e6, 2), "active_M": round(active / 1e6, 2),
                           "tok_per_s": round((step - 2) * tokens_per_step / dt), "loss": round(float(out.loss.detach()), 3)}),

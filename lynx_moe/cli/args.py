@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tempfile
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from . import UsageError
 
 __all__ = ["policy_arg", "positive_ints", "add_model", "add_data", "add_policies", "add_threads", "add_json_only",
            "add_count",
-           "set_threads", "check_counts", "writable_dir", "progress_bar", "add_passthrough", "run_passthrough"]
+           "set_threads", "check_counts", "writable_dir", "progress_bar", "add_passthrough", "run_passthrough",
+           "tool_main"]
 
 
 def policy_arg(spec: str):
@@ -125,6 +127,14 @@ def add_passthrough(parser: argparse.ArgumentParser, tool: str) -> None:
     parser.add_argument("passthrough", nargs=argparse.REMAINDER, help=f"{tool}'s own arguments")
     # With no prefix characters argparse takes "--model ..." and "-h" as positional values.
     parser.prefix_chars = "\0"
+
+
+def tool_main(module: str, name: str, needs: str, extra: str) -> Callable[[], object]:
+    """Another tool's command-line entry point, or an ImportError naming the extra to install."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        raise ImportError(f"this command needs {needs}: pip install 'lynx-moe[{extra}]'") from None
 
 
 def run_passthrough(prog: str, argv: list[str], main: Callable[[], object]) -> int:

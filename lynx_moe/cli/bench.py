@@ -41,19 +41,8 @@ from ..measure.shapes import get_shape
 from ..measure.speed import decode_speed, model_inputs, shape_inputs
 from ..presets import for_shape
 from . import UsageError
-from .args import (
-    add_count,
-    add_data,
-    add_json_only,
-    add_model,
-    add_policies,
-    add_threads,
-    check_counts,
-    positive_ints,
-    progress_bar,
-    set_threads,
-    writable_dir,
-)
+from .args import (add_count, add_data, add_json_only, add_model, add_policies, add_threads, check_counts,
+                   positive_ints, progress_bar, set_threads, writable_dir)
 
 __all__ = ["add_arguments", "run"]
 

@@ -1,7 +1,8 @@
 """``lynx demo``: the whole story on the embedded reference model in one command.
 
-    lynx demo                 # about 2.5 minutes on a quiet 2-core CPU
-    lynx demo --full          # larger samples and two more AffinityBinning settings (~8 min)
+    lynx demo                 # about 2 minutes on a quiet 2-core CPU (measured 125 s)
+    lynx demo --full          # larger samples, two more AffinityBinning settings (the former
+                              # default: 266 s on a quiet machine, 518 s on a fresh clone)
     lynx demo --out reports/my-demo
 
 At batch 32 it compares native routing with the authors' AffinityBinning preset for the
@@ -126,7 +127,7 @@ def _table(rows: list[dict], tasks: dict) -> str:
         line += f" {q['value']:>+5.1f} [{q['lo']:+.1f},{q['hi']:+.1f}]".rjust(20) if q else f" {'-':>19}"
         line += "".join(f" {r['tasks'][t]['value']:>+12.1f}" for t in tasks)
         lines.append(line)
-    lines.append("tasks (accuracy points; 'tasks' pools every item): " + "; ".join(
+    lines.append("tasks (accuracy points; 'tasks' pools the items of the tasks shown): " + "; ".join(
         f"{short[t]} {v['metric']} n={v['n']} chance {100 * v['chance']:.0f}% native {100 * v['acc_native']:.1f}%"
         for t, v in tasks.items()))
     return "\n".join(lines)

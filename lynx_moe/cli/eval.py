@@ -42,18 +42,8 @@ from ..measure.quality import DEFAULT_SWEEP, EvalConfig, check_policies, evaluat
 from ..measure.speed import speed_on_text
 from ..presets import for_shape
 from . import UsageError
-from .args import (
-    add_count,
-    add_data,
-    add_json_only,
-    add_model,
-    add_policies,
-    add_threads,
-    check_counts,
-    progress_bar,
-    set_threads,
-    writable_dir,
-)
+from .args import (add_count, add_data, add_json_only, add_model, add_policies, add_threads, check_counts,
+                   progress_bar, set_threads, writable_dir)
 
 __all__ = ["add_arguments", "run", "format_table"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_passthrough, run_passthrough
+from .args import add_passthrough, run_passthrough, tool_main
 
 __all__ = ["add_arguments", "run"]
 
@@ -27,11 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from lm_eval.__main__ import cli_evaluate
-    except ImportError:
-        raise ImportError("lynx lm-eval needs lm-eval: pip install 'lynx-moe[eval]'") from None
-
+    cli_evaluate = tool_main("lm_eval.__main__", "cli_evaluate", "lm-eval", "eval")
     from ..measure.lm_eval import register
     register()
     argv = list(args.passthrough)

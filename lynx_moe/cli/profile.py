@@ -34,18 +34,8 @@ from ..measure.decode import record_routing
 from ..measure.models import load_model
 from ..measure.profile import profile_stats
 from ..presets import for_shape
-from .args import (
-    add_count,
-    add_data,
-    add_json_only,
-    add_model,
-    add_policies,
-    add_threads,
-    check_counts,
-    positive_ints,
-    set_threads,
-    writable_dir,
-)
+from .args import (add_count, add_data, add_json_only, add_model, add_policies, add_threads, check_counts,
+                   positive_ints, set_threads, writable_dir)
 
 __all__ = ["add_arguments", "run"]
 

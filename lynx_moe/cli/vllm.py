@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 
-from .args import add_passthrough, run_passthrough
+from .args import add_passthrough, run_passthrough, tool_main
 
 __all__ = ["add_arguments", "run"]
 
@@ -28,10 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from vllm.entrypoints.cli.main import main
-    except ImportError:
-        raise ImportError("lynx vllm needs vLLM: pip install 'lynx-moe[vllm]'") from None
+    main = tool_main("vllm.entrypoints.cli.main", "main", "vLLM", "vllm")
     version = importlib.metadata.version
 
     def version_of(name: str) -> str:
