@@ -193,7 +193,7 @@ def _verdict(r: dict) -> str:
     """One line on the preset against the paper's claim."""
     p = r["ppl_change_pct"]
     q = r["tasks_pooled"]
-    acc = (f"; accuracy over all task items {q['value']:+.1f} points [{q['lo']:+.1f}, {q['hi']:+.1f}]"
+    acc = (f"; accuracy over the tasks shown {q['value']:+.1f} points [{q['lo']:+.1f}, {q['hi']:+.1f}]"
            if q else "")
     return (f"preset {r['policy']}: {100 * r['saved']:.0f}% fewer distinct experts per step, "
             f"{r['speedup'] or 0:.2f}x measured ({r['bound_speedup'] or 0:.2f}x memory-bound), perplexity "
