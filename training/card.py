@@ -495,6 +495,13 @@ HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
   --include_path PATH/lynx-ref-moe/eval --device cpu --batch_size 16
 ```
 
+Which of these tasks can show a routing policy: a policy acts on decode steps only. Through a server
+(stock `local-completions`) and with stock lm-eval in process, the multiple-choice and perplexity tasks are
+scored from a prompt pass, which is routed natively, so every policy gets native's score; `lynx lm-eval
+--model lynx-hf --model_args "pretrained=...,policy=SPEC,decode_scoring=true"` scores them in decode mode,
+where the batch votes. `lynx_ref_next_word` is generated in decode steps, but most answers are one token,
+which comes from the prompt pass.
+
 Chat: this is a base model, not instruction-tuned. `chat_template.jinja` turns a conversation into
 plain text (the system text, then `Q: ...` / `A: ...` lines, ending with `A:`), so chat clients of
 `lynx serve` get a continuation instead of an error; do not expect an assistant.
