@@ -43,11 +43,11 @@ __all__ = [
     "XShare", "POLICIES", "parse_policy", "policy_from_dict", "presets",
     "select_experts", "route", "Routing", "distinct_experts", "changed_assignments",
     "reference_model_path",
-    "apply_", "remove_", "applied", "routing_stats", "reset_stats",
+    "apply_", "remove_", "applied", "isolated", "routing_stats", "reset_stats",
 ]
 
 # Hugging Face patching loads on first use, so that ``import lynx_moe`` stays torch-only.
-_HF_NAMES = ("apply_", "remove_", "applied", "routing_stats", "reset_stats")
+_HF_NAMES = ("apply_", "remove_", "applied", "isolated", "routing_stats", "reset_stats")
 
 
 def __getattr__(name: str):

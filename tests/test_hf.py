@@ -391,3 +391,41 @@ def test_stats_survive_switching_between_inference_mode_and_no_grad():
         model.generate(ids, max_new_tokens=3, do_sample=False)
     assert all(layer.steps == 6 for layer in lynx.routing_stats(model))
     lynx.remove_(model)
+
+
+# --- per-request opt-out ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "deepseek_v3"])
+def test_isolated_rows_get_the_unpatched_models_output_whatever_their_batch(arch):
+    """Rows flagged in ``lynx.isolated`` are routed natively and do not vote: their generations
+    equal the unpatched model's on the same batch, bit for bit, while the policy still changes
+    the other rows; their batch mates do not change them."""
+    ref, model = fresh(arch), fresh(arch)
+    inputs = batch(16, seed=3)
+    native = greedy(ref, inputs, n=8)[0]
+    flags = torch.zeros(16, dtype=torch.bool)
+    flags[[0, 5, 9]] = True
+    lynx.apply_(model, lynx.XShare(budget=shape(model)[1]))        # a deep cut: most rows change
+    with lynx.isolated(model, flags):
+        out = greedy(model, inputs, n=8)[0]
+        mates = {**inputs, "input_ids": inputs["input_ids"].clone()}
+        mates["input_ids"][~flags, -1] = (mates["input_ids"][~flags, -1] + 1) % 500 + 3   # other batch mates
+        again = greedy(model, mates, n=8)[0]
+    assert torch.equal(out[flags], native[flags]) and torch.equal(again[flags], native[flags])
+    assert not torch.equal(out[~flags], native[~flags])
+    # isolated rows never voted: at most the 13 others in each of the 2 x 7 decode calls
+    assert all(0 < s.decode_rows <= 2 * 7 * 13 for s in lynx.routing_stats(model))
+
+
+def test_isolated_needs_one_flag_per_sequence():
+    model = lynx.apply_(fresh("olmoe"), lynx.OEA(k0=2))
+    with pytest.raises(ValueError, match="one bool flag per sequence"):
+        with lynx.isolated(model, torch.zeros(2, 2, dtype=torch.bool)):
+            pass
+    with pytest.raises(ValueError, match="3 row flags but this call has 4 sequences"):
+        with lynx.isolated(model, [True, False, False]):
+            greedy(model, batch(4), n=2)
+    with pytest.raises(ValueError, match="no lynx_moe policy is applied"):
+        with lynx.isolated(fresh("olmoe"), [True]):
+            pass

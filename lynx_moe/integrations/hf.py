@@ -15,8 +15,8 @@ pre-hook on the model given to ``apply_`` reads the call's ``input_ids`` / ``att
 and leaves per-row flags on a small state object that the router hooks read (a forward hook
 clears them again). A call is a decode step when every sequence brings one new token and there
 is a past (``attention_mask`` longer than the query, else ``past_key_values`` non-empty). In a
-decode step a row votes unless its mask position is 0 (padding) or its input token is an EOS or
-pad token: ``generate`` feeds a finished sequence the pad token (the EOS when no pad is set), and
+decode step a row votes unless its mask position is 0 (padding), it is flagged in ``isolated``
+(a per-request opt-out), or its input token is an EOS or pad token: ``generate`` feeds a finished sequence the pad token (the EOS when no pad is set), and
 a sequence whose last token is EOS has just finished. Prefill, chunked and speculative calls
 (query length > 1) and calls of an inner module alone are routed natively. Rows that do not vote, and
 voting rows whose expert set the policy did not change, get the router's own output bit for bit,
@@ -50,7 +50,7 @@ from ..policies import Policy
 from ..routing import distinct_experts, route
 
 __all__ = ["SUPPORTED", "MoeLayer", "moe_layers", "moe_shape", "config_moe_shape", "LayerStats", "apply_", "remove_",
-           "applied", "routing_stats", "reset_stats"]
+           "applied", "isolated", "routing_stats", "reset_stats"]
 
 _STATE = "_lynx_moe"  # attribute of the patched model (its _State) and of each patched router (its _Layer)
 
@@ -124,6 +124,7 @@ class _State:
     layers: list[_Layer] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     vote: torch.Tensor | None = None         # [T] bool during a decode call, else None
+    isolated: torch.Tensor | None = None     # [B] bool on the CPU: rows that never vote (``isolated``)
     _stop_on: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
     def stop_ids_on(self, device: torch.device) -> torch.Tensor:
@@ -164,6 +165,11 @@ def _decode_votes(state: _State, args: tuple, kwargs: dict) -> torch.Tensor | No
     vote = mask[:, -1] != 0 if mask is not None else torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     if isinstance(input_ids, torch.Tensor) and state.stop_ids.numel():
         vote = vote & ~torch.isin(input_ids[:, -1], state.stop_ids_on(input_ids.device))
+    if state.isolated is not None:
+        if state.isolated.shape != vote.shape:
+            raise ValueError(f"lynx.isolated got {state.isolated.numel()} row flags but this call has "
+                             f"{vote.numel()} sequences (batch x beams): give one flag per sequence")
+        vote = vote & ~state.isolated.to(vote.device)
     return vote
 
 
@@ -315,6 +321,27 @@ def applied(model: nn.Module, policy: Policy, **kwargs: Any) -> Iterator[nn.Modu
         remove_(model)
         if before is not None:
             apply_(model, before.policy, stats=before.stats, stop_token_ids=before.stop_ids.tolist())
+
+
+@contextlib.contextmanager
+def isolated(model: nn.Module, rows: Any) -> Iterator[nn.Module]:
+    """Inside the block, the sequences flagged True in ``rows`` (``[B]`` bool, one per sequence of
+    each call: batch x beams for beam search) are routed natively and do not vote, in every layer
+    and step: their outputs are exactly the unpatched model's, whatever they are batched with
+    (no request is changed by others against its will). The others keep the policy::
+
+        with lynx.isolated(model, [True, False, False, True]):
+            model.generate(**batch)
+    """
+    state = _state(model)
+    mask = torch.as_tensor(rows, dtype=torch.bool).cpu()
+    if mask.dim() != 1:
+        raise ValueError(f"rows must be one bool flag per sequence ([B]), got shape {tuple(mask.shape)}")
+    before, state.isolated = state.isolated, mask
+    try:
+        yield model
+    finally:
+        state.isolated = before
 
 
 def _state(model: nn.Module) -> _State:
