@@ -14,9 +14,8 @@ import torch
 from . import UsageError
 
 __all__ = ["policy_arg", "positive_ints", "add_model", "add_data", "add_policies", "add_threads", "add_json_only",
-           "add_count",
-           "set_threads", "check_counts", "writable_dir", "progress_bar", "add_passthrough", "run_passthrough",
-           "tool_main"]
+           "add_count", "set_threads", "check_counts", "writable_dir", "progress_bar", "add_passthrough",
+           "run_passthrough", "tool_main"]
 
 
 def policy_arg(spec: str):

@@ -51,9 +51,10 @@ class StepBytes:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "StepBytes":
-        experts = [layer.experts for layer in hf.moe_layers(model) if layer.experts is not None]
+        # fused expert weights ``[E, ...]`` (transformers 5's experts modules): bytes of one = total / E
+        experts = [layer.experts for layer in hf.moe_layers(model) if hasattr(layer.experts, "gate_up_proj")]
         if not experts:
-            raise ValueError(f"no MoE experts modules found in {type(model).__name__}")
+            raise ValueError(f"no fused MoE experts modules (gate_up_proj) found in {type(model).__name__}")
         expert = [sum(p.numel() * p.element_size() for p in m.parameters()) // m.gate_up_proj.shape[0]
                   for m in experts]
         expert_ids = {id(p) for m in experts for p in m.parameters()}
