@@ -42,7 +42,7 @@ from ..measure.speed import speed_on_text
 from ..policies import parse_policy
 from ..presets import for_shape
 from . import UsageError
-from .args import add_count, add_threads, progress_bar, set_threads, writable_dir
+from .args import add_count, add_threads, check_counts, progress_bar, set_threads, writable_dir
 
 __all__ = ["add_arguments", "run", "demo_policies"]
 
@@ -135,8 +135,7 @@ def _table(rows: list[dict], tasks: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
+    check_counts(args, at_least_one=("batch_size",))
     set_threads(args)
     from ..measure.plots import distinct_per_layer, quality_vs_saved, require
     require()

@@ -124,7 +124,7 @@ class _State:
     layers: list[_Layer] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     vote: torch.Tensor | None = None         # [T] bool during a decode call, else None
-    isolated: torch.Tensor | None = None     # [B] bool on the CPU: rows that never vote (``isolated``)
+    isolated: torch.Tensor | None = None     # [B] bool: rows that never vote (``isolated``), moved once
     _stop_on: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
     def stop_ids_on(self, device: torch.device) -> torch.Tensor:
@@ -169,7 +169,9 @@ def _decode_votes(state: _State, args: tuple, kwargs: dict) -> torch.Tensor | No
         if state.isolated.shape != vote.shape:
             raise ValueError(f"lynx.isolated got {state.isolated.numel()} row flags but this call has "
                              f"{vote.numel()} sequences (batch x beams): give one flag per sequence")
-        vote = vote & ~state.isolated.to(vote.device)
+        if state.isolated.device != vote.device:   # once per block, not once per decode step
+            state.isolated = state.isolated.to(vote.device)
+        vote = vote & ~state.isolated
     return vote
 
 
@@ -256,9 +258,13 @@ def moe_shape(model: nn.Module) -> tuple[int, int]:
     every supported architecture whatever its config calls them); ValueError if it has none."""
     layers = moe_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE router that lynx_moe can patch; "
-                         f"supported architectures: {', '.join(SUPPORTED)} (transformers 5.x)")
+        raise ValueError(_unsupported(model))
     return layers[0].num_experts, layers[0].top_k
+
+
+def _unsupported(model: nn.Module) -> str:
+    return (f"{type(model).__name__} has no MoE router that lynx_moe can patch; "
+            f"supported architectures: {', '.join(SUPPORTED)} (transformers 5.x)")
 
 
 def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
@@ -274,8 +280,9 @@ def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
         raise ValueError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     if not isinstance(policy, Policy):
         raise ValueError(f"policy must be a lynx_moe policy (e.g. lynx.AffinityBinning()), got {policy!r}")
-    moe_shape(model)   # ValueError for a model without a supported router
     routers = [(layer.name, layer.router) for layer in moe_layers(model)]
+    if not routers:
+        raise ValueError(_unsupported(model))
     mine = getattr(model, _STATE, None)
     for name, router in routers:
         policy.check_top_k(int(router.top_k))

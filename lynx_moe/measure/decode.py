@@ -65,8 +65,9 @@ class Scored:
         return self.logprobs[i][self.live[i]]
 
 
-def _forward(model, **kwargs) -> torch.Tensor | None:
-    """One forward with the cache; the last position's logits ``[B, V]`` (None without an LM head)."""
+def _forward(model, **kwargs) -> tuple[torch.Tensor | None, object]:
+    """One forward with the cache: ``(last position's logits [B, V] or None without an LM head,
+    the cache)``."""
     if hasattr(model, "lm_head"):
         kwargs["logits_to_keep"] = 1
     with torch.inference_mode():
