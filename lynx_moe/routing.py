@@ -98,13 +98,25 @@ def _validate(logits, top_k, policy, renormalize, scoring, bias, n_group, topk_g
             raise ValueError(f"topk_group={topk_group} groups of {E // n_group} experts cannot hold top_k={top_k}")
 
 
-def _native(x, top_k, renormalize, scoring, bias, n_group, topk_group, scale):
+def _native(x, top_k, renormalize, scoring, bias, n_group, topk_group, scale, given=None):
     """Native routing on sanitised fp32 logits, with the model's own op order.
 
     Returns (weights [T, K], ids [T, K], selection logits [T, E], mass [T]); the selection
     logits are -inf outside a row's chosen groups; mass is the native top-k weight before
-    renormalisation, used by the paper's rule when ``renormalize`` is False.
+    renormalisation, used by the paper's rule when ``renormalize`` is False. ``given``: the
+    engine's own ``(weights, ids)`` of these logits, returned instead of a second top-k.
     """
+    if given is not None and n_group is None:
+        w, ids = given[0].float(), given[1].long()
+        sel = x if scoring != "sigmoid" or bias is None else torch.logit(
+            (torch.sigmoid(x) + bias.float()).clamp(1e-12, 1 - 1e-7))
+        if renormalize:
+            return w, ids, sel, torch.ones_like(x[:, 0])   # mass is only read without renormalisation
+        probs = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+        return w, ids, sel, probs.gather(1, ids).sum(dim=-1)
+    if given is not None:   # grouped: the row's groups are needed, so route and keep the engine's result
+        _, _, sel, mass = _native(x, top_k, renormalize, scoring, bias, n_group, topk_group, scale)
+        return given[0].float(), given[1].long(), sel, mass
     if scoring == "softmax":
         probs = torch.softmax(x, dim=-1)
         w, ids = torch.topk(probs, top_k, dim=-1)
@@ -183,19 +195,27 @@ def route(
     num_expert_group: int | None = None,
     topk_group: int | None = None,
     routed_scaling_factor: float = 1.0,
+    native: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Routing:
     """Like ``select_experts`` but also returns what native routing chose and which rows
-    voted, so callers can count what the policy changed without routing twice."""
+    voted, so callers can count what the policy changed without routing twice.
+
+    ``native``: an engine's own native result ``(weights [T, K], ids [T, K])`` for these
+    logits (e.g. vLLM's router output). It is used instead of a second native top-k: rows
+    that do not vote get exactly it, and voting rows rank its ids as their native experts."""
     _validate(router_logits, top_k, policy, renormalize, scoring, e_score_correction_bias,
               num_expert_group, topk_group)
     T, E = router_logits.shape
     dev = router_logits.device
+    if native is not None and not (len(native) == 2 and all(
+            isinstance(t, torch.Tensor) and t.shape == (T, top_k) for t in native)):
+        raise ValueError(f"native must be (weights, ids), two tensors of shape ({T}, {top_k})")
     everyone = decode_mask is None and valid_mask is None
     vote = _row_mask(decode_mask, T, "decode_mask", dev) & _row_mask(valid_mask, T, "valid_mask", dev)
     x = torch.nan_to_num(router_logits.float(), nan=_F32.min, posinf=_F32.max, neginf=_F32.min)
     scale = float(routed_scaling_factor)
     nat_w, nat_ids, sel, mass = _native(x, top_k, renormalize, scoring, e_score_correction_bias,
-                                        num_expert_group, topk_group, scale)
+                                        num_expert_group, topk_group, scale, native)
     nat_ids = nat_ids.long()
     if policy.kind == "native":
         return Routing(nat_w, nat_ids, nat_ids, vote)

@@ -218,6 +218,28 @@ def test_non_finite_logits():
             assert 5 not in ids[3, :1].tolist()  # NaN is never a row's first choice
 
 
+@FAST
+@given(st.data())
+def test_an_engines_native_result_is_reused_not_recomputed(data):
+    """``native=(weights, ids)`` stands in for the second top-k: fed the native result of the
+    same logits, every decision is unchanged; non-voting rows get the given tensors."""
+    case = data.draw(cases())
+    policy = data.draw(policies(case["top_k"]))
+    plain = lynx.route(policy=policy, **case)
+    given = lynx.route(policy=lynx.TopK(), **case)
+    r = lynx.route(policy=policy, native=(given.weights, given.ids), **case)
+    assert torch.equal(r.ids, plain.ids) and torch.equal(r.native_ids, plain.native_ids)
+    torch.testing.assert_close(r.weights, plain.weights, atol=1e-6, rtol=1e-5)
+    fake_w = torch.full_like(given.weights, 0.5)   # an engine's own weights pass through untouched
+    r = lynx.route(policy=policy, native=(fake_w, given.ids), **case)
+    assert torch.equal(r.weights[~r.vote], fake_w[~r.vote])
+
+
+def test_native_of_the_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match=r"native must be \(weights, ids\), two tensors of shape \(4, 2\)"):
+        lynx.route(torch.randn(4, 8), 2, lynx.OEA(1), native=(torch.ones(4, 3), torch.zeros(4, 3, dtype=torch.long)))
+
+
 def test_grouped_sigmoid_routing_matches_deepseek_v3_reference():
     g = torch.Generator().manual_seed(1)
     T, E, k, G, TG = 12, 32, 4, 8, 2
@@ -240,6 +262,8 @@ def test_grouped_sigmoid_routing_matches_deepseek_v3_reference():
         pw, pids = lynx.select_experts(L, k, policy, renormalize=True, scoring="sigmoid", **kw)
         assert lynx.distinct_experts(pids) <= lynx.distinct_experts(ids)
         assert torch.isfinite(pw).all() and (pw >= 0).all()
+        r = lynx.route(L, k, policy, renormalize=True, scoring="sigmoid", native=(w, ids), **kw)
+        assert torch.equal(r.ids, pids) and torch.equal(r.weights, pw)
 
 
 def test_distinct_and_changed():
