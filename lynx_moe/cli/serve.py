@@ -3,10 +3,11 @@
     lynx serve                                   # the reference model (as "lynx-ref-moe"), the authors' preset
     lynx serve MODEL --policy affinity_binning:alpha=3,beta=4 --port 8000 --enforce-eager
     lynx serve MODEL --policy-file lynx.json --stats-every 100 --max-model-len 2048
+    lynx serve MODEL --lynx-default off          # batch-invariant unless a request sends vllm_xargs {"lynx": "on"}
 
 Everything that is not a ``lynx serve`` option goes to vLLM's server unchanged. The
 server runs as a child process; the policy reaches vLLM's worker processes through
-``LYNX_POLICY`` / ``LYNX_POLICY_FILE`` / ``LYNX_STATS_EVERY`` (read by
+``LYNX_POLICY`` / ``LYNX_POLICY_FILE`` / ``LYNX_STATS_EVERY`` / ``LYNX_DEFAULT`` (read by
 ``lynx_moe.integrations.vllm.register``, vLLM's ``general_plugins`` entry point). The settings are
 checked here first, so a bad spec fails in a second, not after vLLM has started.
 SIGINT and SIGTERM are passed on to the server, which shuts down cleanly.
@@ -27,7 +28,8 @@ __all__ = ["add_arguments", "run", "server_command"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.usage = "lynx serve [MODEL] [--policy SPEC | --policy-file FILE] [--stats-every N] [vLLM args ...]"
+    parser.usage = ("lynx serve [MODEL] [--policy SPEC | --policy-file FILE] [--stats-every N] [--lynx-default on|off] "
+                    "[vLLM args ...]")
     parser.epilog = ("MODEL defaults to the embedded reference model. Any other argument is passed to "
                      "vLLM's server, as for `vllm serve` (e.g. --port 8000 --enforce-eager --max-model-len 2048).")
     parser.add_argument("--policy", default=None, metavar="SPEC",
@@ -37,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON with per-model policies (see lynx_moe.integrations.vllm.load_settings)")
     parser.add_argument("--stats-every", type=int, default=None, metavar="N",
                         help="log distinct experts per decode step every N forward steps (0: never; default 200)")
+    parser.add_argument("--lynx-default", choices=("on", "off"), default=None,
+                        help="routing of requests that do not say (extra_body={'vllm_xargs': {'lynx': 'on'|'off'}}): "
+                             "on (default) or off, i.e. batch-invariant native routing unless a request opts in")
     # vLLM's own flags are open-ended, so unknown arguments are collected rather than rejected:
     # the first one, if it is not a flag, is the model.
     known = parser.parse_known_args
@@ -65,6 +70,8 @@ def _settings_env(args: argparse.Namespace) -> dict[str, str]:
         env["LYNX_POLICY_FILE"] = os.path.abspath(args.policy_file)
     if args.stats_every is not None:
         env["LYNX_STATS_EVERY"] = str(args.stats_every)
+    if args.lynx_default is not None:
+        env["LYNX_DEFAULT"] = args.lynx_default
     return env
 
 

@@ -8,29 +8,40 @@ nothing:
     LYNX_POLICY=preset ...           # the authors' preset for each layer's experts x top-k
     LYNX_POLICY_FILE=lynx.json ...   # per-model settings, see ``load_settings``
     LYNX_STATS_EVERY=200             # log distinct experts every N forward steps (0: never)
+    LYNX_DEFAULT=off                 # requests are routed natively unless they ask for lynx
 
-Why this seam: in vLLM 0.32 every modular MoE path, on every model, routes through
-``FusedMoERouter.select_experts`` in the Worker process (the CPU router ignores
-``custom_routing_function`` on grouped models). The plugin wraps that method: vLLM routes
-first, then ``lynx.route`` re-routes with the layer's own semantics (renormalize, scoring,
-grouped top-k, score bias, scaling factor read from the router). Rows that do not vote,
-rows whose expert set the policy left alone, and every row under ``TopK`` keep vLLM's own
-result untouched.
+Per request (``SamplingParams.extra_args``, or ``extra_body={"vllm_xargs": {...}}`` through
+the OpenAI server): ``{"lynx": "off"}`` routes that request natively in every layer and keeps
+it out of the vote, so its output is what vLLM gives without the plugin, whatever it is
+batched with; ``{"lynx": "on"}`` opts in where ``LYNX_DEFAULT=off``. Other values are
+refused when the request is made (a 400 from the server).
 
-Phase awareness: a row votes when it is a valid decode token. The forward context's
-attention metadata gives, per request, ``query_start_loc`` and ``seq_lens``; a request is
-decoding when it feeds one token on top of an existing context (query length 1, seq_len
-> 1), which is vLLM's own decode split (``split_decodes_and_prefills``, threshold 1). Rows at
-or beyond ``num_actual_tokens`` and rows flagged by ``ForwardContext.is_padding`` are padding.
-Without attention metadata (profiling and dummy runs) and under data/sequence parallel MoE
-(where rows are gathered across ranks) every row is routed natively.
+How it runs, per forward step (the design that survives a GPU, CUDA graphs and compilation):
+1. Before the model runs, the model runner's input preparation (CPU side) computes one flag
+   per row: the row votes when its request decodes (one new token on top of a cached
+   context, vLLM's own decode split) and has not opted out. The flags are written into a
+   persistent, fixed-size buffer on the device (``_Rows``: ``[2, max_num_batched_tokens]``,
+   vote and valid), padding rows False. Dummy, profile and capture runs clear it.
+2. Every MoE layer reads that buffer and runs ``reroute``: tensor code only, no host sync,
+   no data-dependent shape or Python branch. It takes vLLM's own native ``(weights, ids)``
+   (``route(..., native=)``; no second native top-k) and gives back vLLM's own tensors for
+   every row the policy leaves alone, so ``topk`` is bit-identical to vLLM without the plugin.
+   Under torch.compile it is traced into the graph; a captured CUDA graph replays it and
+   reads the buffer's new contents at every replay.
+3. Statistics (distinct experts native vs policy, changed assignments) accumulate in device
+   tensors; they are read only by ``stats(llm)`` and by the periodic log, between steps.
+
+Where rows are gathered across ranks (data parallel, prefill context parallel, sequence-
+parallel MoE) the local flags do not describe the router's rows: every row is routed
+natively, with a warning. Speculative-decoding steps feed several tokens per request, so
+they do not vote either.
 
 From the driver, through ``LLM.collective_rpc`` (methods this plugin adds to vLLM's worker):
-``stats(llm)`` reads distinct experts per layer per decode step, native vs policy, and
-``set_policy(llm, spec)`` switches the policy at run time (the interleaved benchmark).
+``stats(llm)`` reads the statistics and ``set_policy(llm, spec)`` switches the policy at run
+time (the interleaved benchmark; eager engines only, as a compiled or captured graph holds
+the policy it was traced with).
 
-Under ``torch.compile`` the re-routing runs as an opaque custom op (``lynx_moe::vllm_route``)
-so its Python bookkeeping stays out of the graph and run-time switches still apply.
+Every line that touches vLLM's internals is in the section "The vLLM seam" below.
 
 Legend: T router rows, E experts, K top-k.
 """
@@ -42,7 +53,9 @@ import fnmatch
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+
+import numpy as np
 
 import torch
 
@@ -51,12 +64,13 @@ from ..presets import for_shape
 from ..routing import distinct_experts, route
 from .hf import config_moe_shape
 
-__all__ = ["register", "Settings", "load_settings", "parse_spec", "check_spec", "decode_and_valid_masks", "stats",
-           "set_policy", "PRESET", "SUPPORTED_VLLM"]
+__all__ = ["PRESET", "REQUEST_KEY", "SUPPORTED_VLLM", "Settings", "check_request", "check_spec", "load_settings",
+           "parse_spec", "register", "reroute", "set_policy", "stats", "step_rows"]
 
 SUPPORTED_VLLM = ("0.32.",)
 PRESET = "preset"   # a spec meaning "the authors' preset for this layer's shape"
-_ENV_POLICY, _ENV_FILE, _ENV_EVERY = "LYNX_POLICY", "LYNX_POLICY_FILE", "LYNX_STATS_EVERY"
+_ENV_POLICY, _ENV_FILE, _ENV_EVERY, _ENV_DEFAULT = "LYNX_POLICY", "LYNX_POLICY_FILE", "LYNX_STATS_EVERY", "LYNX_DEFAULT"
+REQUEST_KEY, REQUEST_VALUES = "lynx", ("on", "off")   # SamplingParams.extra_args["lynx"]
 
 Spec = Policy | str   # a Policy or PRESET
 
@@ -84,6 +98,7 @@ class Settings:
     default: Spec | None = None
     models: tuple[tuple[str, Spec], ...] = ()   # (pattern, spec): exact, basename or glob
     stats_every: int = 200
+    requests_default: str = "on"                # "off": requests vote only with extra_args {"lynx": "on"}
 
     def spec_for(self, model: str | None) -> Spec | None:
         """The spec for a model name or path (first matching pattern), else the default."""
@@ -96,8 +111,8 @@ class Settings:
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings | None:
-    """Read ``LYNX_POLICY`` / ``LYNX_POLICY_FILE`` / ``LYNX_STATS_EVERY``; None when neither
-    policy variable is set. Raises ValueError naming the variable and the problem.
+    """Read ``LYNX_POLICY`` / ``LYNX_POLICY_FILE`` / ``LYNX_STATS_EVERY`` / ``LYNX_DEFAULT``;
+    None when neither policy variable is set. Raises ValueError naming the variable and the problem.
 
     The file is JSON: ``{"default": "topk", "models": {"lynx-ref-moe": "affinity_binning:
     alpha=3,beta=4", "Qwen3-*": {"policy": "oea", "k0": 4}}, "stats_every": 100}``. Model
@@ -133,7 +148,11 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings | None:
             raise ValueError
     except (TypeError, ValueError):
         raise ValueError(f"{_ENV_EVERY}: expected an integer >= 0 (0: no log), got {every_raw!r}") from None
-    return Settings(default, tuple(models), every)
+    requests_default = env.get(_ENV_DEFAULT, "on").strip().lower() or "on"
+    if requests_default not in REQUEST_VALUES:
+        raise ValueError(f"{_ENV_DEFAULT}: expected one of {', '.join(REQUEST_VALUES)} (the routing of requests "
+                         f"that do not set extra_args {{{REQUEST_KEY!r}: ...}}), got {env[_ENV_DEFAULT]!r}")
+    return Settings(default, tuple(models), every, requests_default)
 
 
 def check_spec(spec: Spec | None, shape: tuple[int, int] | None) -> None:
@@ -143,45 +162,97 @@ def check_spec(spec: Spec | None, shape: tuple[int, int] | None) -> None:
         spec.check_top_k(shape[1])
 
 
+def check_request(extra_args: dict[str, Any] | None) -> None:
+    """ValueError unless a request's ``extra_args["lynx"]`` is absent, "on" or "off"."""
+    value = (extra_args or {}).get(REQUEST_KEY)
+    if value is not None and value not in REQUEST_VALUES:
+        raise ValueError(f"extra_args {REQUEST_KEY!r} (vllm_xargs through the OpenAI server) must be one of "
+                         f"{', '.join(repr(v) for v in REQUEST_VALUES)}, got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------
-# Which rows vote
+# Which rows vote: once per forward step, on the host, into a persistent device buffer
 
 
-def decode_and_valid_masks(
-    num_rows: int,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    num_actual_tokens: int | None = None,
-    is_padding: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(decode[T], valid[T])`` for one forward step, from attention metadata.
+def step_rows(num_scheduled: np.ndarray, num_computed: np.ndarray, isolated: np.ndarray) -> np.ndarray:
+    """One forward step's vote flag per row, from the scheduler's per-request counts.
 
-    Rows are laid out request by request: request ``r`` owns rows ``query_start_loc[r]``
-    up to ``query_start_loc[r+1]``. A request decodes when it feeds exactly one token on top
-    of an existing context (``seq_lens[r] > 1``); prefill and chunked-prefill rows, and the
-    single row of a one-token prompt, do not. Rows at or beyond ``num_actual_tokens`` (or
-    beyond the last request) and rows flagged in ``is_padding`` are not valid.
+    Rows are laid out request by request, ``num_scheduled[r]`` rows each. A request votes
+    when it decodes, feeding exactly one token on top of ``num_computed[r] > 0`` cached ones
+    (vLLM's decode split, threshold 1), and is not ``isolated``; prefill and chunked-prefill
+    rows, the single row of a one-token prompt and speculative-decoding rows do not.
     """
-    qsl = query_start_loc.to("cpu", torch.long)
-    q = qsl[1:] - qsl[:-1]                                                        # [R]
-    lens = seq_lens.to("cpu", torch.long)[: q.numel()]
-    req_decode = (q == 1) & (lens > 1)
-    row_decode = torch.repeat_interleave(req_decode, q.clamp_min(0))             # [rows of requests]
-    n = int(qsl[-1]) if qsl.numel() else 0
-    if num_actual_tokens is not None:
-        n = min(n, int(num_actual_tokens))
-    n = min(n, num_rows, row_decode.numel())
-    valid = torch.arange(num_rows) < n
-    if is_padding is not None:
-        pad = is_padding.to("cpu", torch.bool)[:num_rows]
-        valid[: pad.numel()] &= ~pad
-    decode = torch.zeros(num_rows, dtype=torch.bool)
-    decode[:n] = row_decode[:n]
-    return decode & valid, valid
+    q = np.asarray(num_scheduled, dtype=np.int64)
+    votes = (q == 1) & (np.asarray(num_computed) > 0) & ~np.asarray(isolated, dtype=bool)
+    return np.repeat(votes, np.maximum(q, 0))
+
+
+class _Rows:
+    """The per-step row flags every MoE layer reads: ``[2, size]`` bool (vote, valid), fixed
+    size and address, on the device; a pinned host twin is written, then copied whole."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        with torch.inference_mode(False):   # mutable runtime state, like vLLM's own step buffers
+            on_cpu = device.type == "cpu"
+            self.host = torch.zeros(2, size, dtype=torch.bool, pin_memory=not on_cpu and torch.cuda.is_available())
+            self.device = self.host if on_cpu else torch.zeros(2, size, dtype=torch.bool, device=device)
+        self.np = self.host.numpy()
+        self.used = 0
+
+    def write(self, vote: np.ndarray) -> tuple[int, int]:
+        """Rows ``[0, len(vote))`` are this step's; the rest are padding. Returns (voters, valid)."""
+        n, size = len(vote), self.np.shape[1]
+        if n > size:
+            raise RuntimeError(f"lynx-moe: a step of {n} rows exceeds the {size}-row flag buffer "
+                               "(max_num_batched_tokens); please report this")
+        end = max(n, self.used)
+        self.np[0, :n], self.np[1, :n] = vote, True
+        self.np[:, n:end] = False
+        self.used = n
+        if self.device is not self.host:   # the caller runs inside vLLM's input-prep synchronisation
+            self.device.copy_(self.host, non_blocking=True)
+        return int(vote.sum()), n
+
+    def view(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if T > self.device.shape[1]:
+            raise RuntimeError(f"lynx-moe: a MoE layer saw {T} rows, more than the {self.device.shape[1]}-row "
+                               "flag buffer (max_num_batched_tokens); please report this")
+        return self.device[0, :T], self.device[1, :T]
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-layer semantics and statistics (Worker process)
+# The per-layer path: tensor code only
+
+
+def reroute(logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, vote: torch.Tensor,
+            valid: torch.Tensor, sums: torch.Tensor | None, *, policy: Policy, top_k: int, num_experts: int,
+            native_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``policy`` to one MoE layer of one step, given vLLM's native ``(weights, ids)``.
+
+    ``vote``/``valid`` ``[T]`` come from the step's flag buffer. Rows that do not vote, and
+    voting rows whose expert set the policy left alone, keep vLLM's own values (so ``topk``
+    returns vLLM's tensors themselves). ``sums`` ``[4]`` int64, if given, accumulates on the
+    device: steps with a voter, distinct experts native, distinct experts with the policy,
+    changed assignments. No host sync, no data-dependent shape: safe to trace and capture.
+    """
+    if policy.kind == "native":
+        new_w, new_ids, changed = weights, ids, torch.zeros((), dtype=torch.long, device=ids.device)
+    else:
+        r = route(logits, top_k, policy, decode_mask=vote, valid_mask=valid, native=(weights, ids), **native_kwargs)
+        kept = (r.ids[:, :, None] == ids[:, None, :].long()).any(dim=-1)          # [T, K]
+        take = r.vote & ~kept.all(dim=-1)                                           # [T]
+        new_ids = torch.where(take[:, None], r.ids.to(ids.dtype), ids)
+        new_w = torch.where(take[:, None], r.weights.to(weights.dtype), weights)
+        changed = (~kept & take[:, None]).sum()
+    if sums is not None:
+        distinct = distinct_experts(torch.stack((ids, new_ids)), valid, num_experts)   # [2]
+        voted = vote.any().long()
+        sums.add_(torch.stack((voted, distinct[0], distinct[1], changed)) * voted)
+    return new_w, new_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer semantics and the process state (Worker process)
 
 
 @dataclasses.dataclass
@@ -191,27 +262,21 @@ class _Layer:
     index: int
     model: str | None
     router: Any
+    sums: torch.Tensor | None = None      # [4] int64 on the device, see ``reroute``
     described: bool = False
     top_k: int = 0
     num_experts: int = 0
     scoring: str = "softmax"
     grouped: bool = False
     unsupported: str | None = None
-    # statistics over steps where at least one row voted
-    steps: int = 0
-    native_sum: int = 0
-    policy_sum: int = 0
-    changed: int = 0
-    voters: int = 0
-    mixed: int = 0        # steps where some valid rows voted and others (prefill) did not
+    policy: Policy | None = None           # resolved from the settings / override, see _State.resolve
 
     def native_kwargs(self) -> dict[str, Any]:
         r = self.router
-        kw: dict[str, Any] = dict(renormalize=bool(r.renormalize), scoring=self.scoring)
+        kw: dict[str, Any] = {"renormalize": bool(r.renormalize), "scoring": self.scoring}
         if self.grouped:
-            kw.update(e_score_correction_bias=r.e_score_correction_bias,
-                      num_expert_group=r.num_expert_group, topk_group=r.topk_group,
-                      routed_scaling_factor=float(r.routed_scaling_factor))
+            kw.update(e_score_correction_bias=r.e_score_correction_bias, num_expert_group=r.num_expert_group,
+                      topk_group=r.topk_group, routed_scaling_factor=float(r.routed_scaling_factor))
         return kw
 
 
@@ -235,138 +300,121 @@ def _describe(layer: _Layer) -> None:
     layer.scoring, layer.grouped, layer.described = scoring, grouped, True
 
 
-class _Rows(NamedTuple):
-    """One forward step's rows: who votes, and the facts every layer's statistics need."""
-
-    decode: torch.Tensor   # [T] bool, valid decode rows
-    valid: torch.Tensor    # [T] bool
-    voters: int
-    mixed: bool            # some valid rows are prefill rows
-
-
-def _distinct(id_sets: tuple[torch.Tensor, ...], valid: torch.Tensor, E: int) -> list[int]:
-    """Distinct experts over the valid rows of each ``[T, K]`` id tensor (one host read)."""
-    return distinct_experts(torch.stack(id_sets), valid, E).tolist()
-
-
 class _State:
-    """Everything the plugin holds in one process: settings, the layers seen, statistics."""
+    """Everything the plugin holds in one process: settings, the step's row flags, the layers
+    seen and their device statistics, host counters per step."""
 
     def __init__(self, settings: Settings, logger: Any) -> None:
         self.settings = settings
         self.log = logger
         self.override: Spec | None = None   # set by RPC; wins over the settings
         self.layers: list[_Layer] = []
-        self.steps = 0
-        self._last_meta: Any = None
-        self._rows: _Rows | None = None
+        self.rows: _Rows | None = None      # None: route every row natively
+        self.device: torch.device | None = None
         self._warned: set[str] = set()
-        self._window: dict[int, list[int]] = {}
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self.steps = self.decode_steps = self.mixed_steps = self.voting_rows = 0
+        self._logged: tuple[int, list[list[int]]] = (0, [])   # decode steps and layer sums at the last log
+
+    # -- setup ---------------------------------------------------------------------------------
+    def bind(self, size: int, device: torch.device, gathered: str | None) -> None:
+        """The model runner starts: allocate the flag buffer (or refuse, rows gathered across ranks)."""
+        self.device = device
+        if gathered:
+            self.rows = None
+            self.warn_once(f"rows are gathered across ranks ({gathered})")
+        else:
+            self.rows = _Rows(size, device)
 
     def add_layer(self, router: Any, model: str | None, shape: tuple[int, int] | None = None) -> int:
         """Register a router as vLLM builds the model; the first one of a model checks the
         configured policy against the model's top-k (ValueError: the model does not load)."""
         if not any(L.model == model for L in self.layers):
             check_spec(self.settings.spec_for(model), shape)
-        self.layers.append(_Layer(len(self.layers), model, router))
+        with torch.inference_mode(False):
+            sums = torch.zeros(4, dtype=torch.long, device=self.device or "cpu")
+        self.layers.append(_Layer(len(self.layers), model, router, sums))
         return len(self.layers) - 1
 
-    def policy_for(self, layer: _Layer) -> Policy:
+    def resolve(self, layer: _Layer) -> Policy:
+        """The layer's policy from the override or the settings (cached on the layer)."""
+        if not layer.described:
+            _describe(layer)
         spec = self.override if self.override is not None else self.settings.spec_for(layer.model)
         if spec is None:
-            return TopK()
-        if spec == PRESET:
-            return for_shape(layer.num_experts, layer.top_k)[1]
-        return spec  # type: ignore[return-value]
+            policy: Policy = TopK()
+        elif spec == PRESET:
+            policy = for_shape(layer.num_experts, layer.top_k)[1]
+        else:
+            policy = spec  # type: ignore[assignment]
+        try:
+            policy.check_top_k(layer.top_k)
+        except ValueError as e:   # checked at load and in set_policy; a per-model glob can still miss
+            self.warn_once(f"{policy} cannot run on a top-{layer.top_k} layer ({e})")
+            policy = TopK()
+        layer.policy = policy
+        return policy
 
     def warn_once(self, reason: str) -> None:
         if reason not in self._warned:
             self._warned.add(reason)
             self.log.warning("lynx-moe: routing natively where %s", reason)
 
-    def rows(self, T: int, device: torch.device) -> _Rows | None:
-        """Which of this step's ``T`` rows vote, computed once per forward step (every MoE layer
-        of a step sees the same rows); None: route every row natively."""
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-        if not is_forward_context_available():
-            return None
-        fc = get_forward_context()
-        meta = fc.attn_metadata
-        if meta is None or fc.dp_metadata is not None or isinstance(meta, list):
-            if fc.dp_metadata is not None:
-                self.warn_once("rows are gathered across data/sequence-parallel ranks")
-            return None
-        if meta is not self._last_meta:   # a new forward step
-            self._last_meta, self._rows = meta, None
-            self.steps += 1
-            self._maybe_log()
-        if self._rows is not None and self._rows.decode.shape[0] == T:
-            return self._rows
-        first = next((m for m in meta.values() if hasattr(m, "query_start_loc") and hasattr(m, "seq_lens")), None)
-        if first is None:
-            self.warn_once("the attention metadata has no query_start_loc/seq_lens")
-            return None
-        decode, valid = decode_and_valid_masks(
-            T, first.query_start_loc, first.seq_lens,
-            getattr(first, "num_actual_tokens", None), fc.is_padding)
-        self._rows = _Rows(decode.to(device), valid.to(device), int(decode.sum()), bool((valid & ~decode).any()))
-        return self._rows
+    # -- per step (host, before the model runs) ------------------------------------------------
+    def is_isolated(self, sampling_params: Any) -> bool:
+        args = getattr(sampling_params, "extra_args", None) or {}
+        return args.get(REQUEST_KEY, self.settings.requests_default) == "off"
 
+    def new_step(self, num_scheduled: np.ndarray, num_computed: np.ndarray, isolated: np.ndarray) -> None:
+        self.steps += 1
+        if self.rows is None:
+            return
+        voters, valid = self.rows.write(step_rows(num_scheduled, num_computed, isolated))
+        if voters:
+            self.decode_steps += 1
+            self.voting_rows += voters
+            self.mixed_steps += voters < valid
+        every = self.settings.stats_every
+        if every and self.steps % every == 0:
+            self._log_window()
+
+    def clear_rows(self) -> None:
+        """A dummy, profile or capture run: no row votes (its kernels still run the policy)."""
+        if self.rows is not None:
+            self.rows.write(np.zeros(0, dtype=bool))
+
+    # -- per layer (the forward pass) ----------------------------------------------------------
     def apply(self, layer: _Layer, logits: torch.Tensor, w: torch.Tensor,
               ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Re-route one layer; returns vLLM's own tensors wherever the policy changes nothing."""
-        if not layer.described:
-            _describe(layer)
-        if layer.unsupported:
-            self.warn_once(layer.unsupported)
+        policy = layer.policy if layer.policy is not None else self.resolve(layer)
+        if layer.unsupported or self.rows is None:
+            if layer.unsupported:
+                self.warn_once(layer.unsupported)
             return w, ids
-        rows = self.rows(logits.shape[0], logits.device)
-        if rows is None or rows.voters == 0:
-            return w, ids
-        policy = self.policy_for(layer)
-        try:
-            policy.check_top_k(layer.top_k)
-        except ValueError as e:   # e.g. static_k:k=4 on a top-2 layer: serve natively, say so once
-            self.warn_once(f"{policy} cannot run on a top-{layer.top_k} layer ({e})")
-            return w, ids
-        E = layer.num_experts or logits.shape[1]
-        if policy.kind == "native":
-            [native_d] = _distinct((ids,), rows.valid, E)
-            self._record(layer, native_d, native_d, 0, rows)
-            return w, ids
-        r = route(logits, layer.top_k, policy, decode_mask=rows.decode, valid_mask=rows.valid,
-                  **layer.native_kwargs())
-        # Compare with vLLM's own choice: a row whose expert set is unchanged keeps vLLM's result.
-        kept = (r.ids[:, :, None] == ids[:, None, :].long()).any(dim=-1)           # [T, K]
-        take = r.vote & ~kept.all(dim=-1)                                           # [T]
-        new_ids = torch.where(take[:, None], r.ids.to(ids.dtype), ids)
-        new_w = torch.where(take[:, None], r.weights.to(w.dtype), w)
-        native_d, policy_d = _distinct((ids, new_ids), rows.valid, E)
-        self._record(layer, native_d, policy_d, int((~kept & take[:, None]).sum()), rows)
-        return new_w, new_ids
+        vote, valid = self.rows.view(logits.shape[0])
+        return reroute(logits, w, ids, vote, valid, layer.sums, policy=policy, top_k=layer.top_k,
+                       num_experts=layer.num_experts or logits.shape[1], native_kwargs=layer.native_kwargs())
 
-    def _record(self, layer: _Layer, native_d: int, policy_d: int, changed: int, rows: _Rows) -> None:
-        layer.steps += 1
-        layer.mixed += rows.mixed
-        layer.native_sum += native_d
-        layer.policy_sum += policy_d
-        layer.changed += changed
-        layer.voters += rows.voters
-        acc = self._window.setdefault(layer.index, [0, 0, 0])
-        acc[0] += 1
-        acc[1] += native_d
-        acc[2] += policy_d
+    # -- reading (between steps) ---------------------------------------------------------------
+    def _sums(self) -> list[list[int]]:
+        return torch.stack([L.sums for L in self.layers]).tolist() if self.layers else []
 
-    def _maybe_log(self) -> None:
-        every = self.settings.stats_every
-        if not every or self.steps % every or not self._window:
+    def _log_window(self) -> None:
+        last_steps, last = self._logged
+        now = self._sums()
+        if self.decode_steps == last_steps or not now:
             return
-        per = [(n / s, p / s) for s, n, p in (self._window[i] for i in sorted(self._window))]
+        self._logged = (self.decode_steps, now)
+        per = [((n - n0) / (s - s0), (p - p0) / (s - s0)) for (s, n, p, _), (s0, n0, p0, _) in
+               zip(now, last or [[0] * 4] * len(now)) if s > s0]
+        if not per:
+            return
         nat, pol = (sum(x[j] for x in per) / len(per) for j in (0, 1))
         self.log.info("lynx-moe: %d steps, %s: distinct experts per decode step (mean over %d layers) "
                       "native %.1f -> policy %.1f; per layer %s", self.steps, self.describe_policy(),
                       len(per), nat, pol, " ".join(f"{a:.0f}/{b:.0f}" for a, b in per))
-        self._window.clear()
 
     def describe_policy(self) -> str:
         spec = self.override if self.override is not None else self.settings.default
@@ -380,26 +428,49 @@ class _State:
         return f"{spec if spec is not None else TopK()}{extra}"
 
     def snapshot(self, reset: bool) -> dict[str, Any]:
-        layers = [{"layer": L.index, "model": L.model, "num_experts": L.num_experts, "top_k": L.top_k,
-                   "policy": str(self.policy_for(L)) if L.described else None, "unsupported": L.unsupported,
-                   "decode_steps": L.steps, "mixed_steps": L.mixed, "voting_rows": L.voters, "changed_assignments": L.changed,
-                   "native_distinct_mean": L.native_sum / L.steps if L.steps else None,
-                   "policy_distinct_mean": L.policy_sum / L.steps if L.steps else None}
-                  for L in self.layers]
+        sums = self._sums()
+        layers = []
+        for L, (steps, nat, pol, changed) in zip(self.layers, sums):
+            layers.append({"layer": L.index, "model": L.model, "num_experts": L.num_experts, "top_k": L.top_k,
+                           "policy": str(L.policy) if L.policy is not None else None, "unsupported": L.unsupported,
+                           "decode_steps": steps, "changed_assignments": changed,
+                           "native_distinct_mean": nat / steps if steps else None,
+                           "policy_distinct_mean": pol / steps if steps else None})
         seen = [x for x in layers if x["decode_steps"]]
         mean = (lambda key: sum(x[key] for x in seen) / len(seen) if seen else None)
-        out = {"pid": os.getpid(), "policy": self.describe_policy(), "steps": self.steps, "layers": layers,
+        out = {"pid": os.getpid(), "policy": self.describe_policy(), "steps": self.steps,
+               "decode_steps": self.decode_steps, "mixed_steps": self.mixed_steps, "voting_rows": self.voting_rows,
+               "requests_default": self.settings.requests_default, "layers": layers,
                "native_distinct_mean": mean("native_distinct_mean"),
                "policy_distinct_mean": mean("policy_distinct_mean")}
         if reset:
             for L in self.layers:
-                L.steps = L.native_sum = L.policy_sum = L.changed = L.voters = L.mixed = 0
-            self._window.clear()
+                L.sums.zero_()
+            self._reset_counters()
         return out
+
+    def set_policy(self, spec: str | dict | None) -> str:
+        new = None if spec is None else parse_spec(spec, "set_policy")
+        if isinstance(new, Policy):
+            for layer in self.layers:   # refuse here rather than fail inside a forward pass
+                if not layer.described:
+                    _describe(layer)
+                if not layer.unsupported:
+                    new.check_top_k(layer.top_k)
+        self.override = new
+        for layer in self.layers:
+            self.resolve(layer)
+        self._logged = (self.decode_steps, self._sums())
+        return self.describe_policy()
 
 
 # ---------------------------------------------------------------------------------------------
-# Installation into vLLM
+# The vLLM seam: every line that touches vLLM internals (0.32). For a newer vLLM, this is the
+# section to change: the router method wrapped (``FusedMoERouter.select_experts``), the model
+# runner's step preparation (``GPUModelRunner._prepare_inputs``: per-request scheduled and
+# computed token counts, ``input_batch.req_ids``, ``requests[...].sampling_params``) and
+# dummy run, the request validation hook (``SamplingParams._verify_extra_args``) and the
+# worker class that carries the RPC methods.
 
 _STATE: _State | None = None
 
@@ -424,19 +495,34 @@ def _current_model() -> tuple[str | None, tuple[int, int] | None]:
     return getattr(model_config, "model", None), shape
 
 
+def _gathered(vllm_config: Any) -> str | None:
+    """Why the MoE layers' rows are not this rank's step rows, if they are not."""
+    par = vllm_config.parallel_config
+    if par.data_parallel_size > 1:
+        return "data parallel"
+    if getattr(par, "prefill_context_parallel_size", 1) > 1:
+        return "prefill context parallel"
+    if getattr(par, "use_sequence_parallel_moe", False):
+        return "sequence-parallel MoE"
+    return None
+
+
 def _install(logger: Any) -> None:
-    """Wrap ``FusedMoERouter.__init__`` (to learn each layer and its model) and
-    ``select_experts`` (to re-route), once per process; add the RPC methods to the worker."""
+    """Wrap vLLM's router, model runner and request validation once per process; add the RPC
+    methods to the worker."""
     from vllm.model_executor.layers.fused_moe.router.fused_moe_router import FusedMoERouter
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
     if getattr(FusedMoERouter.select_experts, "__lynx_wrapped__", False):
         return
-    init, select = FusedMoERouter.__init__, FusedMoERouter.select_experts
-    op = _route_op()
+    router_init, select = FusedMoERouter.__init__, FusedMoERouter.select_experts
+    runner_init, prepare, dummy = GPUModelRunner.__init__, GPUModelRunner._prepare_inputs, GPUModelRunner._dummy_run
+    verify = SamplingParams._verify_extra_args
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
+        router_init(self, *args, **kwargs)
         self._lynx_layer = None if _STATE is None else _STATE.add_layer(self, *_current_model())
 
     def select_experts(self, hidden_states, router_logits, topk_indices_dtype=None, *, input_ids=None):
@@ -444,51 +530,54 @@ def _install(logger: Any) -> None:
         state, index = _STATE, getattr(self, "_lynx_layer", None)
         if state is None or index is None:
             return w, ids
-        if torch.compiler.is_compiling():
-            return op(router_logits, w, ids, index)
         w2, ids2 = state.apply(state.layers[index], router_logits, w, ids)
         if ids2 is not ids and self._routing_replay_out is not None:
             self._routing_replay_out[: ids2.shape[0]].copy_(ids2.to(torch.int16))
         return w2, ids2
 
+    def runner_init_(self, vllm_config, device, *args: Any, **kwargs: Any) -> None:
+        runner_init(self, vllm_config, device, *args, **kwargs)
+        if _STATE is not None:
+            _STATE.bind(self.max_num_tokens, torch.device(device), _gathered(vllm_config))
+
+    def prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args: Any, **kwargs: Any):
+        out = prepare(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        if _STATE is not None:
+            batch = self.input_batch
+            n = batch.num_reqs
+            isolated = np.fromiter((_STATE.is_isolated(self.requests[r].sampling_params) for r in batch.req_ids[:n]),
+                                   dtype=bool, count=n)
+            _STATE.new_step(num_scheduled_tokens[:n], batch.num_computed_tokens_cpu[:n], isolated)
+        return out
+
+    def dummy_run(self, *args: Any, **kwargs: Any):
+        if _STATE is not None:
+            _STATE.clear_rows()
+        return dummy(self, *args, **kwargs)
+
+    def verify_extra_args(self) -> None:
+        verify(self)
+        try:
+            check_request(self.extra_args)
+        except ValueError as e:
+            from vllm.exceptions import VLLMValidationError
+            raise VLLMValidationError(str(e), parameter="extra_args") from None
+
     select_experts.__lynx_wrapped__ = True  # type: ignore[attr-defined]
     FusedMoERouter.__init__ = __init__
     FusedMoERouter.select_experts = select_experts
+    GPUModelRunner.__init__ = runner_init_
+    GPUModelRunner._prepare_inputs = prepare_inputs
+    GPUModelRunner._dummy_run = dummy_run
+    SamplingParams._verify_extra_args = verify_extra_args
     WorkerBase.lynx_stats = lambda self, reset=False: _STATE.snapshot(bool(reset)) if _STATE else None
     WorkerBase.lynx_set_policy = lambda self, spec=None: _set_local_policy(spec)
-
-
-def _route_op():
-    """The compiled-graph form of ``_State.apply``: an opaque custom op (defined once)."""
-    if hasattr(torch.ops.lynx_moe, "vllm_route"):
-        return torch.ops.lynx_moe.vllm_route
-
-    @torch.library.custom_op("lynx_moe::vllm_route", mutates_args=())
-    def vllm_route(logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                   layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w, i = _STATE.apply(_STATE.layers[layer], logits, weights, ids)
-        return (w.clone() if w is weights else w), (i.clone() if i is ids else i)
-
-    @vllm_route.register_fake
-    def _(logits, weights, ids, layer):
-        return torch.empty_like(weights), torch.empty_like(ids)
-
-    return vllm_route
 
 
 def _set_local_policy(spec: str | dict | None) -> str:
     if _STATE is None:
         raise RuntimeError(f"lynx-moe is not enabled in this process: set {_ENV_POLICY} (e.g. 'topk')")
-    new = None if spec is None else parse_spec(spec, "set_policy")
-    if isinstance(new, Policy):
-        for layer in _STATE.layers:   # refuse here rather than fail inside a forward pass
-            if not layer.described:
-                _describe(layer)
-            if not layer.unsupported:
-                new.check_top_k(layer.top_k)
-    _STATE.override = new
-    _STATE._window.clear()
-    return _STATE.describe_policy()
+    return _STATE.set_policy(spec)
 
 
 def register() -> None:
@@ -506,12 +595,16 @@ def register() -> None:
         if _STATE.settings == settings:
             return
         _STATE.settings = settings   # keep the layers already registered
+        for layer in _STATE.layers:
+            layer.policy = None
     else:
         _STATE = _State(settings, logger)
     per_model = ", ".join(f"{k}: {v}" for k, v in settings.models)
     logger.info("lynx-moe: batch-aware expert selection enabled in pid %d: policy %s%s; decode rows only, "
-                "stats every %s steps", os.getpid(), settings.default if settings.default is not None else TopK(),
-                f"; per model {{{per_model}}}" if per_model else "", settings.stats_every or "no")
+                "requests %s by default, stats every %s steps", os.getpid(),
+                settings.default if settings.default is not None else TopK(),
+                f"; per model {{{per_model}}}" if per_model else "", settings.requests_default,
+                settings.stats_every or "no")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,18 +613,21 @@ def register() -> None:
 
 def stats(llm: Any, reset: bool = False) -> list[dict[str, Any]]:
     """Per-worker statistics (one dict per worker): distinct experts per layer per decode step,
-    native vs policy, changed assignments. ``reset`` zeroes the counters after reading."""
+    native vs policy, changed assignments; steps, decode steps, mixed steps and voting rows.
+    ``reset`` zeroes the counters after reading."""
     return llm.collective_rpc("lynx_stats", args=(reset,))
 
 
 def set_policy(llm: Any, spec: str | dict | Policy | None) -> list[str]:
     """Switch every worker's policy at run time (None: back to the configured one). A bad spec,
-    or a policy the model's top-k cannot run, raises ValueError here, in the driver, with the
-    message ``apply_`` gives; the engine is left as it was."""
+    a policy the model's top-k cannot run, or an engine that is not eager raises ValueError
+    here, in the driver, with the message ``apply_`` gives; the engine is left as it was."""
     if isinstance(spec, Policy):
         spec = str(spec)
+    model_config = llm.llm_engine.model_config
+    if not model_config.enforce_eager:
+        raise ValueError("set_policy needs an engine started with enforce_eager=True: compiled and captured "
+                         f"graphs keep the policy they were traced with; set {_ENV_POLICY} before starting instead")
     if spec is not None:
-        parsed = parse_spec(spec, "set_policy")
-        hf_config = llm.llm_engine.model_config.hf_config
-        check_spec(parsed, config_moe_shape(hf_config.to_dict()))
+        check_spec(parse_spec(spec, "set_policy"), config_moe_shape(model_config.hf_config.to_dict()))
     return llm.collective_rpc("lynx_set_policy", args=(spec,))
