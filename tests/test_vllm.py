@@ -266,16 +266,18 @@ def _official_clients(model: str, folder: str, port: int, tmp_path: Path) -> Non
     assert 0 <= score["exact_match,first_word"] <= 1
 
 
-def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
+@contextmanager
+def _lynx_serve(model_dir: str, log_path: Path, *args: str):
+    """``lynx serve MODEL ARGS --port P --enforce-eager --max-model-len 256`` until healthy;
+    yields (server, base url, served name); stops it with SIGINT (exit 0 expected)."""
     port = _free_port()
-    log = (tmp_path / "serve.log").open("w")
-    cmd = [*LYNX, "serve", model_dir, "--policy", "affinity_binning:alpha=3,beta=2",
-           "--stats-every", "1", "--port", str(port), "--enforce-eager", "--max-model-len", "256"]
+    log = log_path.open("w")
+    cmd = [*LYNX, "serve", model_dir, *args, "--port", str(port), "--enforce-eager", "--max-model-len", "256"]
     server = subprocess.Popen(cmd, env={**os.environ, **ENGINE_ENV}, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert server.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "server did not become healthy in 240 s"
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -283,23 +285,7 @@ def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
             except OSError:
                 time.sleep(1)
         [served] = [m["id"] for m in json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models").read())["data"]]
-        assert served == Path(model_dir).name          # a folder is served under its name, as the reference is
-        out = _post(f"http://127.0.0.1:{port}/v1/completions",
-                    {"model": served, "prompt": "the quick brown fox", "max_tokens": 8,
-                     "temperature": 0, "ignore_eos": True})
-        assert out["usage"]["completion_tokens"] == 8
-        assert isinstance(out["choices"][0]["text"], str)
-        opted_out = _post(f"http://127.0.0.1:{port}/v1/completions",
-                          {"model": served, "prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0,
-                           "ignore_eos": True, "vllm_xargs": {"lynx": "off"}})
-        assert opted_out["usage"]["completion_tokens"] == 8
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            _post(f"http://127.0.0.1:{port}/v1/completions",
-                  {"model": served, "prompt": "the fox", "max_tokens": 2, "vllm_xargs": {"lynx": "bogus"}})
-        assert refused.value.code == 400
-        assert "must be one of 'on', 'off', got 'bogus'" in refused.value.read().decode()
-        if _has_reference():   # the reference model ships a chat template and lm-eval tasks
-            _official_clients(served, model_dir, port, tmp_path)
+        yield server, f"http://127.0.0.1:{port}", served
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=60) == 0
     finally:
@@ -307,10 +293,48 @@ def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
             server.kill()
             server.wait()
         log.close()
-    text = (tmp_path / "serve.log").read_text()
+
+
+def test_lynx_serve_answers_a_completion_and_shuts_down(model_dir, tmp_path):
+    log = tmp_path / "serve.log"
+    with _lynx_serve(model_dir, log, "--policy", "affinity_binning:alpha=3,beta=2", "--stats-every", "1") as (_, url, served):
+        assert served == Path(model_dir).name          # a folder is served under its name, as the reference is
+        out = _post(f"{url}/v1/completions", {"model": served, "prompt": "the quick brown fox", "max_tokens": 8,
+                                              "temperature": 0, "ignore_eos": True})
+        assert out["usage"]["completion_tokens"] == 8
+        assert isinstance(out["choices"][0]["text"], str)
+        opted_out = _post(f"{url}/v1/completions",
+                          {"model": served, "prompt": "the quick brown fox", "max_tokens": 8, "temperature": 0,
+                           "ignore_eos": True, "vllm_xargs": {"lynx": "off"}})
+        assert opted_out["usage"]["completion_tokens"] == 8
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _post(f"{url}/v1/completions",
+                  {"model": served, "prompt": "the fox", "max_tokens": 2, "vllm_xargs": {"lynx": "bogus"}})
+        assert refused.value.code == 400
+        assert "must be one of 'on', 'off', got 'bogus'" in refused.value.read().decode()
+        if _has_reference():   # the reference model ships a chat template and lm-eval tasks
+            _official_clients(served, model_dir, int(url.rsplit(":", 1)[1]), tmp_path)
+    text = log.read_text()
     assert "lynx-moe: batch-aware expert selection enabled" in text
     assert "distinct experts per decode step" in text   # the periodic statistics line
     assert "Traceback" not in text.split("shutdown")[0]   # nothing failed before shutting down
+
+
+def test_lynx_serve_under_load_and_faults(model_dir, tmp_path):
+    """Concurrent completions and chats, streaming and not, clients hanging up mid-stream,
+    prompts over max_model_len, invalid sampling values and lynx values: every valid request
+    gets a complete answer equal to its answer on the unloaded server (``topk``), every bad
+    one a 400 that names the problem, and the server stays up."""
+    from lynx_moe.measure.load import load_run
+    log = tmp_path / "serve.log"
+    with _lynx_serve(model_dir, log, "--policy", "topk", "--stats-every", "0", "--max-num-seqs", "16") as (_, url, served):
+        report = load_run(url, served, requests=60, concurrency=16, max_model_len=256)
+    assert report["failures"] == [], report["failures"][:5]
+    assert report["mismatches"] == [], report["mismatches"][:5]
+    assert report["server_up_after"]
+    assert set(report["kinds"]) == {"valid", "hangup", "too_long", "bad_sampling", "bad_xargs"}, report["kinds"]
+    assert report["streams"] > 0 and report["chats"] > 0 and report["opted_out"] > 0
+    assert "Traceback" not in log.read_text().split("shutdown")[0]
 
 
 def test_lynx_serve_rejects_a_bad_policy_before_starting_vllm():
@@ -528,3 +552,16 @@ def test_the_plugin_refuses_a_policy_the_model_cannot_run_as_the_model_loads():
     assert state.layers == []
     assert state.add_layer(object(), "m", None) == 0                     # config without routed experts
     assert _State(Settings(default=PRESET), None).add_layer(object(), "m", (64, 8)) == 0
+
+
+def test_lynx_bench_engine_vllm_gives_the_json_line_of_lynx_bench(model_dir):
+    p = subprocess.run([*LYNX, "bench", "--engine", "vllm", "--model", model_dir, "--batch-sizes", "4",
+                        "--new-tokens", "4", "--repeats", "1", "--policy", "batch_top_n:n=8", "--json-only"],
+                       env={**os.environ, **ENGINE_ENV}, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["engine"] == "vllm"
+    native, policy = summary["results"]
+    assert (native["policy"], policy["policy"], native["batch"]) == ("native", "batch_top_n:n=8", 4)
+    assert native["speedup"] == 1.0 and policy["speedup"] > 0
+    assert policy["distinct_mean"] <= 8 < native["distinct_mean"]

@@ -392,6 +392,9 @@ class _State:
         if layer.unsupported or self.rows is None:
             if layer.unsupported:
                 self.warn_once(layer.unsupported)
+            elif self.device is None:   # never bound: not the V1 GPUModelRunner (or a subclass)
+                self.warn_once("the model runner gives lynx no step flags (Model Runner V2? set "
+                               "VLLM_USE_V2_MODEL_RUNNER=0 to use the V1 runner, which lynx supports)")
             return w, ids
         vote, valid = self.rows.view(logits.shape[0])
         return reroute(logits, w, ids, vote, valid, layer.sums, policy=policy, top_k=layer.top_k,
@@ -471,6 +474,13 @@ class _State:
 # computed token counts, ``input_batch.req_ids``, ``requests[...].sampling_params``) and
 # dummy run, the request validation hook (``SamplingParams._verify_extra_args``) and the
 # worker class that carries the RPC methods.
+#
+# Model Runner V2 (``vllm/v1/worker/gpu/model_runner.py``), which vLLM 0.32+ picks on a GPU
+# whenever Triton is present (``VllmConfig.use_v2_model_runner``), is not hooked yet: its
+# layers then route natively with a warning. Hooking it is the same three calls on its own
+# class: ``__init__`` (bind), ``prepare_inputs(scheduler_output, batch_req_state, ...)``
+# (``batch_req_state.num_scheduled_tokens`` / ``req_ids`` and the input batch's
+# ``num_computed_tokens_np`` give ``step_rows``' arguments) and ``_dummy_run`` (clear).
 
 _STATE: _State | None = None
 

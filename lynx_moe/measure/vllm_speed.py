@@ -41,7 +41,7 @@ from .machine import conditions
 from .models import load_model
 from .shapes import get_shape, shape_config
 
-__all__ = ["vllm_inputs", "vllm_decode_speed"]
+__all__ = ["build_shape_model", "patch_gates_for_replay", "record_bank", "vllm_decode_speed", "vllm_inputs"]
 
 
 def _model_and_tokens(path: Path | None, rows: int, length: int, data: list[Path] | None):
@@ -52,15 +52,24 @@ def _model_and_tokens(path: Path | None, rows: int, length: int, data: list[Path
     return path, model, tokens
 
 
-def _build_shape_model(name: str, layers: int, out: Path) -> Path:
-    """A ``...ForCausalLM`` at ``measure.shapes`` dimensions, random bf16 weights, saved once."""
+def build_shape_model(name: str, layers: int, out: Path, tokenizer_from: Path | None = None) -> Path:
+    """A ``...ForCausalLM`` at ``measure.shapes`` dimensions, random bf16 weights, saved once;
+    with ``tokenizer_from``, that model's tokenizer is saved beside it (and sets the vocabulary)
+    so a server can take text."""
     import transformers
     if (out / "config.json").is_file():
         return out
+    cfg = shape_config(get_shape(name), layers)
+    tokenizer = None
+    if tokenizer_from is not None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_from)
+        cfg.vocab_size = len(tokenizer)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(shape_config(get_shape(name), layers), dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return out
 
 
@@ -69,6 +78,16 @@ def _shape_of(cfg: dict) -> dict:
     return {"experts": cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts"),
             "top_k": cfg["num_experts_per_tok"], "hidden": cfg["hidden_size"], "expert_ffn": ffn,
             "num_layers": cfg["num_hidden_layers"], "expert_bytes": 3 * cfg["hidden_size"] * ffn * 2}
+
+
+def record_bank(src: Path | None, rows: int, prompt_len: int, steps: int, out: Path,
+                data: list[Path] | None = None) -> tuple[Path, list[int]]:
+    """Router logits of ``src`` (default: the reference model) decoding held-out text after
+    ``prompt_len`` tokens: ``[L, steps, rows, E]`` float32 saved to ``out``; (src, shape)."""
+    path, model, tokens = _model_and_tokens(src, rows, prompt_len + steps, data)
+    logits, _ = record_routing(model, tokens, prompt_len)
+    torch.save(logits.float().contiguous(), out)
+    return path, list(logits.shape)
 
 
 def vllm_inputs(model: Path | None = None, *, shape: str | None = None, layers: int = 4, router: str = "replay",
@@ -84,14 +103,12 @@ def vllm_inputs(model: Path | None = None, *, shape: str | None = None, layers: 
     bank = None
     desc = {"shape": shape, "layers": layers, "routing": "random weights (NOT realistic)"}
     if router == "replay":
-        src, src_model, rec = _model_and_tokens(replay_from, max(32, rows), prompt_len + 2 * steps, data)
-        logits, _ = record_routing(src_model, rec, prompt_len)                       # [L, S, R, E]
         bank = workdir / "replay.pt"
-        torch.save(logits.float().contiguous(), bank)
-        desc.update(routing=f"replayed from {src}", replay_shape=list(logits.shape))
+        src, bank_shape = record_bank(replay_from, max(32, rows), prompt_len, 2 * steps, bank, data)
+        desc.update(routing=f"replayed from {src}", replay_shape=bank_shape)
     elif router != "random":
         raise ValueError(f"router must be 'replay' or 'random', got {router!r}")
-    path = _build_shape_model(shape, layers, workdir / f"{shape}-L{layers}")
+    path = build_shape_model(shape, layers, workdir / f"{shape}-L{layers}")
     cfg = json.loads((path / "config.json").read_text())
     if bank is not None and desc["replay_shape"][-1] != _shape_of(cfg)["experts"]:
         raise ValueError(f"the replay model has {desc['replay_shape'][-1]} experts but {shape} has "
@@ -101,31 +118,46 @@ def vllm_inputs(model: Path | None = None, *, shape: str | None = None, layers: 
     return str(path), tokens, bank, {**desc, **_shape_of(cfg)}
 
 
+def _replay_hook(bank: torch.Tensor, layer: int, step: list[int]):
+    """A forward hook for MoE gate ``layer``: its output becomes recorded logits ``bank[L, S, R, E]``
+    (layer ``layer % L``, the step counter ``step[0] % S`` that layer 0 advances, row ``r % R``)."""
+    L, S, R, _ = bank.shape
+
+    def replay(module, args, out):
+        logits = out[0] if isinstance(out, tuple) else out
+        step[0] += layer == 0                                          # layer 0 opens a forward step
+        rows = torch.arange(logits.shape[0]) % R
+        new = bank[layer % L, step[0] % S][rows].to(logits.dtype)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+    return replay
+
+
 def _install_replay(worker, bank_path: str) -> str:
-    """Runs in the vLLM worker: each MoE gate's output becomes recorded router logits."""
-    import torch
+    """Runs in the vLLM worker (``collective_rpc``): each MoE gate replays recorded logits."""
     from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
     model = worker.get_model()
     if getattr(model, "_lynx_bench_replay", False):
         return "already installed"
-    bank = torch.load(bank_path)                                       # [L, S, R, E]
-    L, S, R, E = bank.shape
+    bank, step = torch.load(bank_path), [-1]
     gates = [m for m in model.modules() if isinstance(m, GateLinear)]
-    step = [-1]
-
-    def hook(layer: int):
-        def replay(module, args, out):
-            logits = out[0] if isinstance(out, tuple) else out
-            step[0] += layer == 0                                      # layer 0 opens a forward step
-            rows = torch.arange(logits.shape[0]) % R
-            new = bank[layer % L, step[0] % S][rows].to(logits.dtype)
-            return (new, *out[1:]) if isinstance(out, tuple) else new
-        return replay
-
     for i, gate in enumerate(gates):
-        gate.register_forward_hook(hook(i))
+        gate.register_forward_hook(_replay_hook(bank, i, step))
     model._lynx_bench_replay = True
     return f"replaying recorded router logits {tuple(bank.shape)} into {len(gates)} MoE gates"
+
+
+def patch_gates_for_replay(bank_path: str) -> None:
+    """Every vLLM MoE gate built from now on in this process replays ``bank_path``: for a
+    server, whose worker no RPC reaches (``benchmarks/serve_bench.py`` calls this from a
+    ``sitecustomize`` in the server's processes)."""
+    from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+    init, bank, step, built = GateLinear.__init__, torch.load(bank_path), [-1], [0]
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.register_forward_hook(_replay_hook(bank, built[0], step))
+        built[0] += 1
+    GateLinear.__init__ = __init__
 
 
 def _generate(llm, prompts, max_tokens: int) -> float:
