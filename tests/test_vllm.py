@@ -564,4 +564,6 @@ def test_lynx_bench_engine_vllm_gives_the_json_line_of_lynx_bench(model_dir):
     native, policy = summary["results"]
     assert (native["policy"], policy["policy"], native["batch"]) == ("native", "batch_top_n:n=8", 4)
     assert native["speedup"] == 1.0 and policy["speedup"] > 0
-    assert policy["distinct_mean"] <= 8 < native["distinct_mean"]
+    # Requests join a few steps apart, so some decode steps also carry prefill rows (routed
+    # natively, counted): the mean is above 8 but well below native's.
+    assert policy["distinct_mean"] < native["distinct_mean"] - 4
