@@ -7,7 +7,7 @@
 For each policy (native first) one `lynx serve` starts (eager, bf16); then, per concurrency,
 `vllm bench serve` (run as `lynx vllm bench serve`) sends the conventions vLLM users and the
 Lynx/XShare authors use: random dataset, fixed input/output lengths (`--input-len` 128,
-`--output-len` 64), `--ignore-eos`, temperature 0, `--max-concurrency C`, `--num-warmups C`
+`--output-len` 64), `--ignore-eos`, temperature 0, `--max-concurrency C`, `--num-warmups min(C, 8)`
 first, `--prompts-per-concurrency` x C prompts. Reported per policy and concurrency: output
 tok/s, TPOT p50/p99 (ms), TTFT p50, and distinct experts per decode step native -> policy,
 averaged over the plugin's periodic log lines (`--stats-every` steps each) printed during
@@ -111,7 +111,7 @@ def _bench(model: str, served: str, port: int, C: int, args, out: Path) -> dict:
     cmd = [*LYNX, "vllm", "bench", "serve", "--backend", "vllm", "--base-url", f"http://127.0.0.1:{port}",
            "--model", served, "--tokenizer", model, "--dataset-name", "random",
            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-           "--ignore-eos", "--temperature", "0", "--max-concurrency", str(C), "--num-warmups", str(C),
+           "--ignore-eos", "--temperature", "0", "--max-concurrency", str(C), "--num-warmups", str(min(C, 8)),
            "--num-prompts", str(args.prompts_per_concurrency * C), "--seed", "0",
            "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99",
            "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name]

@@ -567,3 +567,28 @@ def test_lynx_bench_engine_vllm_gives_the_json_line_of_lynx_bench(model_dir):
     # Requests join a few steps apart, so some decode steps also carry prefill rows (routed
     # natively, counted): the mean is above 8 but well below native's.
     assert policy["distinct_mean"] < native["distinct_mean"] - 4
+
+
+def test_the_policy_is_traced_into_vllms_compiled_graph(model_dir, tmp_path):
+    """Without enforce_eager, vLLM compiles the model with Dynamo in full-graph mode (a graph
+    break is an error): the per-layer path is traced, the flags buffer and the device
+    statistics still work, and the policy still cuts distinct experts."""
+    script = tmp_path / "compiled.py"
+    script.write_text(f"""
+import json
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from lynx_moe.integrations.vllm import stats
+    llm = LLM(model={model_dir!r}, dtype="bfloat16", max_model_len=256, seed=0, max_num_seqs=16)
+    llm.generate([f"the quick fox {{i}}" for i in range(16)],
+                 SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    [s] = stats(llm)
+    print("RESULT", json.dumps(s))
+""")
+    env = {**os.environ, **ENGINE_ENV, "LYNX_POLICY": "preset", "VLLM_DISABLE_COMPILE_CACHE": "1"}
+    env.pop("LYNX_POLICY_FILE", None)
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    [line] = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    s = json.loads(line[len("RESULT "):])
+    assert s["decode_steps"] > 0 and s["policy_distinct_mean"] < s["native_distinct_mean"]

@@ -357,6 +357,13 @@ class _State:
         layer.policy = policy
         return policy
 
+    def resolve_all(self) -> None:
+        """Resolve every layer's policy between steps, so the forward pass (traced under
+        torch.compile) only reads ``layer.policy``."""
+        for layer in self.layers:
+            if layer.policy is None:
+                self.resolve(layer)
+
     def warn_once(self, reason: str) -> None:
         if reason not in self._warned:
             self._warned.add(reason)
@@ -369,6 +376,7 @@ class _State:
 
     def new_step(self, num_scheduled: np.ndarray, num_computed: np.ndarray, isolated: np.ndarray) -> None:
         self.steps += 1
+        self.resolve_all()
         if self.rows is None:
             return
         voters, valid = self.rows.write(step_rows(num_scheduled, num_computed, isolated))
@@ -382,6 +390,7 @@ class _State:
 
     def clear_rows(self) -> None:
         """A dummy, profile or capture run: no row votes (its kernels still run the policy)."""
+        self.resolve_all()
         if self.rows is not None:
             self.rows.write(np.zeros(0, dtype=bool))
 
