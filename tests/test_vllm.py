@@ -521,6 +521,10 @@ def test_lynx_serve_splits_its_own_options_from_vllm_arguments():
     assert (args.policy, args.stats_every, args.vllm_args) == ("topk", 5, ["M", "--port", "8001", "--enforce-eager"])
     args = build_parser().parse_args(["serve", "--max-model-len", "256"])
     assert (args.policy, args.vllm_args) == (None, ["--max-model-len", "256"])
+    from lynx_moe.cli.serve import _settings_env
+    args = build_parser().parse_args(["serve", "M", "--lynx-default", "off"])
+    assert _settings_env(args) == {"LYNX_POLICY": "preset", "LYNX_DEFAULT": "off"}
+    assert load_settings(_settings_env(args)).requests_default == "off"
 
 
 def test_lynx_serve_rejects_a_bad_policy_file(tmp_path):
