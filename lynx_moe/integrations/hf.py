@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..costmodel import CostModel
 from ..policies import Policy
 from ..routing import distinct_experts, route
 
@@ -121,6 +122,7 @@ class _State:
     policy: Policy
     stats: bool
     stop_ids: torch.Tensor                   # [S] int64 on the CPU; per-device copies below
+    gate: CostModel | None = None            # cut only on steps where the cost model predicts a gain
     layers: list[_Layer] = field(default_factory=list)
     handles: list[Any] = field(default_factory=list)
     vote: torch.Tensor | None = None         # [T] bool during a decode call, else None
@@ -199,6 +201,10 @@ def _router_hook(module: nn.Module, args: tuple, out: Any) -> Any:
         r = route(logits, own_ids.shape[1], state.policy, decode_mask=vote, **layer.native(module))
         new_ids = r.ids.to(own_ids.dtype)
         moved = vote & (new_ids.sort(dim=-1).values != own_ids.sort(dim=-1).values).any(dim=-1)
+        if state.gate is not None:   # every row of the call computes: rows = T
+            cut = torch.where(moved[:, None], new_ids, own_ids)
+            distinct = distinct_experts(torch.stack([own_ids, cut]), None, logits.shape[1])
+            moved = moved & state.gate.pays(logits.shape[0], distinct[0], distinct[1])
         ids = torch.where(moved[:, None], new_ids, own_ids)
         result = (logits, torch.where(moved[:, None], r.weights.to(own_w.dtype), own_w), ids)
     if state.stats:
@@ -268,12 +274,14 @@ def _unsupported(model: nn.Module) -> str:
 
 
 def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
-           stop_token_ids: Iterable[int] | None = None) -> nn.Module:
+           stop_token_ids: Iterable[int] | None = None, gate: CostModel | None = None) -> nn.Module:
     """Route ``model``'s decode steps with ``policy``, in place; returns ``model``.
 
     Applying again replaces the policy (and starts fresh statistics). ``stats=False`` skips
     the counting. ``stop_token_ids``: tokens that mark a finished sequence (default: the EOS and
     pad ids of ``model.generation_config``); pass them if you give ``generate`` other ones.
+    ``gate``: a calibrated ``lynx_moe.costmodel.CostModel``; a decode step keeps the policy's
+    routing only where it predicts a gain (``lynx bench --calibrate FILE``, ``load_cost_model``).
     Raises ValueError, leaving the model as it was, for a model without a supported router.
     """
     if not isinstance(model, nn.Module):
@@ -292,7 +300,9 @@ def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
                              "model): lynx.remove_ that one first")
     stop = _stop_token_ids(model) if stop_token_ids is None else [int(t) for t in stop_token_ids]
     remove_(model)
-    state = _State(policy, bool(stats), torch.tensor(stop, dtype=torch.long))
+    if gate is not None and not isinstance(gate, CostModel):
+        raise ValueError(f"gate must be a lynx_moe.costmodel.CostModel (load_cost_model(FILE)), got {gate!r}")
+    state = _State(policy, bool(stats), torch.tensor(stop, dtype=torch.long), gate)
     setattr(model, _STATE, state)
     state.handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
     state.handles.append(model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True))
@@ -327,7 +337,7 @@ def applied(model: nn.Module, policy: Policy, **kwargs: Any) -> Iterator[nn.Modu
     finally:
         remove_(model)
         if before is not None:
-            apply_(model, before.policy, stats=before.stats, stop_token_ids=before.stop_ids.tolist())
+            apply_(model, before.policy, stats=before.stats, stop_token_ids=before.stop_ids.tolist(), gate=before.gate)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ nothing:
     LYNX_POLICY_FILE=lynx.json ...   # per-model settings, see ``load_settings``
     LYNX_STATS_EVERY=200             # log distinct experts every N forward steps (0: never)
     LYNX_DEFAULT=off                 # requests are routed natively unless they ask for lynx
+    LYNX_GATE_FILE=gate.json         # cut only where the calibrated cost model predicts a gain
 
 Per request (``SamplingParams.extra_args``, or ``extra_body={"vllm_xargs": {...}}`` through
 the OpenAI server): ``{"lynx": "off"}`` routes that request natively in every layer and keeps
@@ -59,6 +60,7 @@ import numpy as np
 
 import torch
 
+from ..costmodel import CostModel, load_cost_model
 from ..policies import Policy, TopK, parse_policy, policy_from_dict
 from ..presets import for_shape
 from ..routing import distinct_experts, route
@@ -70,6 +72,7 @@ __all__ = ["PRESET", "REQUEST_KEY", "SUPPORTED_VLLM", "Settings", "check_request
 SUPPORTED_VLLM = ("0.32.",)
 PRESET = "preset"   # a spec meaning "the authors' preset for this layer's shape"
 _ENV_POLICY, _ENV_FILE, _ENV_EVERY, _ENV_DEFAULT = "LYNX_POLICY", "LYNX_POLICY_FILE", "LYNX_STATS_EVERY", "LYNX_DEFAULT"
+_ENV_GATE = "LYNX_GATE_FILE"
 REQUEST_KEY, REQUEST_VALUES = "lynx", ("on", "off")   # SamplingParams.extra_args["lynx"]
 
 Spec = Policy | str   # a Policy or PRESET
@@ -99,6 +102,7 @@ class Settings:
     models: tuple[tuple[str, Spec], ...] = ()   # (pattern, spec): exact, basename or glob
     stats_every: int = 200
     requests_default: str = "on"                # "off": requests vote only with extra_args {"lynx": "on"}
+    gate: CostModel | None = None               # lynx_moe.costmodel: cut only where it pays
 
     def spec_for(self, model: str | None) -> Spec | None:
         """The spec for a model name or path (first matching pattern), else the default."""
@@ -111,7 +115,8 @@ class Settings:
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings | None:
-    """Read ``LYNX_POLICY`` / ``LYNX_POLICY_FILE`` / ``LYNX_STATS_EVERY`` / ``LYNX_DEFAULT``;
+    """Read ``LYNX_POLICY`` / ``LYNX_POLICY_FILE`` / ``LYNX_STATS_EVERY`` / ``LYNX_DEFAULT`` /
+    ``LYNX_GATE_FILE``;
     None when neither policy variable is set. Raises ValueError naming the variable and the problem.
 
     The file is JSON: ``{"default": "topk", "models": {"lynx-ref-moe": "affinity_binning:
@@ -152,7 +157,12 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings | None:
     if requests_default not in REQUEST_VALUES:
         raise ValueError(f"{_ENV_DEFAULT}: expected one of {', '.join(REQUEST_VALUES)} (the routing of requests "
                          f"that do not set extra_args {{{REQUEST_KEY!r}: ...}}), got {env[_ENV_DEFAULT]!r}")
-    return Settings(default, tuple(models), every, requests_default)
+    gate_file = env.get(_ENV_GATE, "").strip()
+    try:
+        gate = load_cost_model(gate_file) if gate_file else None
+    except ValueError as e:
+        raise ValueError(f"{_ENV_GATE}={gate_file!r}: {e}") from None
+    return Settings(default, tuple(models), every, requests_default, gate)
 
 
 def check_spec(spec: Spec | None, shape: tuple[int, int] | None) -> None:
@@ -226,14 +236,16 @@ class _Rows:
 
 def reroute(logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, vote: torch.Tensor,
             valid: torch.Tensor, sums: torch.Tensor | None, *, policy: Policy, top_k: int, num_experts: int,
-            native_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            native_kwargs: dict[str, Any], gate: CostModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``policy`` to one MoE layer of one step, given vLLM's native ``(weights, ids)``.
 
     ``vote``/``valid`` ``[T]`` come from the step's flag buffer. Rows that do not vote, and
     voting rows whose expert set the policy left alone, keep vLLM's own values (so ``topk``
     returns vLLM's tensors themselves). ``sums`` ``[4]`` int64, if given, accumulates on the
     device: steps with a voter, distinct experts native, distinct experts with the policy,
-    changed assignments. No host sync, no data-dependent shape: safe to trace and capture.
+    changed assignments. ``gate``: keep the policy's routing only on steps where the cost model
+    predicts a gain (``CostModel.pays``), else every row native. No host sync, no
+    data-dependent shape: safe to trace and capture.
     """
     if policy.kind == "native":
         new_w, new_ids, changed = weights, ids, torch.zeros((), dtype=torch.long, device=ids.device)
@@ -241,6 +253,10 @@ def reroute(logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, vote
         r = route(logits, top_k, policy, decode_mask=vote, valid_mask=valid, native=(weights, ids), **native_kwargs)
         kept = (r.ids[:, :, None] == ids[:, None, :].long()).any(dim=-1)          # [T, K]
         take = r.vote & ~kept.all(dim=-1)                                           # [T]
+        if gate is not None:
+            cut = torch.where(take[:, None], r.ids.to(ids.dtype), ids)
+            distinct = distinct_experts(torch.stack((ids, cut)), valid, num_experts)
+            take = take & gate.pays(valid.sum(), distinct[0], distinct[1])
         new_ids = torch.where(take[:, None], r.ids.to(ids.dtype), ids)
         new_w = torch.where(take[:, None], r.weights.to(weights.dtype), weights)
         changed = (~kept & take[:, None]).sum()
@@ -407,7 +423,8 @@ class _State:
             return w, ids
         vote, valid = self.rows.view(logits.shape[0])
         return reroute(logits, w, ids, vote, valid, layer.sums, policy=policy, top_k=layer.top_k,
-                       num_experts=layer.num_experts or logits.shape[1], native_kwargs=layer.native_kwargs())
+                       num_experts=layer.num_experts or logits.shape[1], native_kwargs=layer.native_kwargs(),
+                       gate=self.settings.gate)
 
     # -- reading (between steps) ---------------------------------------------------------------
     def _sums(self) -> list[list[int]]:
@@ -620,9 +637,10 @@ def register() -> None:
         _STATE = _State(settings, logger)
     per_model = ", ".join(f"{k}: {v}" for k, v in settings.models)
     logger.info("lynx-moe: batch-aware expert selection enabled in pid %d: policy %s%s; decode rows only, "
-                "requests %s by default, stats every %s steps", os.getpid(),
+                "requests %s by default, %s, stats every %s steps", os.getpid(),
                 settings.default if settings.default is not None else TopK(),
                 f"; per model {{{per_model}}}" if per_model else "", settings.requests_default,
+                f"gated by the cost model {settings.gate.source or ''}".rstrip() if settings.gate else "no gate",
                 settings.stats_every or "no")
 
 

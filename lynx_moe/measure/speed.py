@@ -167,7 +167,7 @@ class _ExpertClock:
             h.remove()
 
 
-def _bench_batch(model, tokens, prompt_len, replay, policies, repeats, progress) -> dict:
+def _bench_batch(model, tokens, prompt_len, replay, policies, repeats, progress, gate=None) -> dict:
     """Interleaved rounds for one batch size; returns per-policy timings and distinct counts."""
     B = tokens.shape[0]
     if replay is not None:
@@ -187,9 +187,9 @@ def _bench_batch(model, tokens, prompt_len, replay, policies, repeats, progress)
             warm = round_ == 0
             for name, policy in zip(names, [TopK()] + list(policies)):
                 if warm:  # untimed: count distinct experts (for native too, via the no-op policy)
-                    hf.apply_(model, policy, stats=True)
+                    hf.apply_(model, policy, stats=True, gate=gate)
                 elif policy.kind != "native":
-                    hf.apply_(model, policy, stats=False)
+                    hf.apply_(model, policy, stats=False, gate=gate)
                 try:
                     clock.seconds = 0.0
                     secs = time_decode(model, pre, feed, replay)
@@ -238,10 +238,11 @@ def _summarise(B, res, step_bytes, context, bw) -> list[dict]:
 def decode_speed(model, tokens: torch.Tensor, prompt_len: int, policies: list[Policy], batch_sizes: list[int],
                  repeats: int = 3, *, replay: LogitReplay | None = None, bandwidth_mib: int = 1024,
                  on_batch: Callable[[list[dict]], None] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+                 progress: Callable[[int, int], None] | None = None, gate=None) -> dict:
     """Time native and ``policies`` on ``tokens [rows >= max(batch_sizes), P + S]`` (see the
     module docstring). ``on_batch(rows)`` gets each batch size's result rows as they are
-    measured; ``progress(done, total)`` each finished run. Returns the summary: conditions,
+    measured; ``progress(done, total)`` each finished run; ``gate`` (a ``CostModel``) gates every
+    policy run. Returns the summary: conditions,
     bandwidth before and after, bytes, and one result row per batch size and policy."""
     if prompt_len < 1 or tokens.shape[1] <= prompt_len:
         raise ValueError(f"need 1 <= prompt_len < tokens per row ({tokens.shape[1]}), got {prompt_len}")
@@ -260,7 +261,7 @@ def decode_speed(model, tokens: torch.Tensor, prompt_len: int, policies: list[Po
     results = []
     new_tokens = tokens.shape[1] - prompt_len
     for B in batch_sizes:
-        res = _bench_batch(model, tokens[:B], prompt_len, replay, policies, repeats, progress)
+        res = _bench_batch(model, tokens[:B], prompt_len, replay, policies, repeats, progress, gate)
         context = prompt_len + (new_tokens + 1) / 2   # mean tokens attended per timed step
         rows = _summarise(B, res, step_bytes, context, bw)
         results += rows

@@ -192,15 +192,19 @@ def _bench_batch(llm, prompts, policies: list[str], steps: int, repeats: int, ti
 def vllm_decode_speed(model_dir: str, prompts: list[list[int]], policies: list[str], batch_sizes: list[int], *,
                       steps: int = 16, repeats: int = 3, bank: Path | None = None, desc: dict | None = None,
                       kv_cache_gib: str = "2", on_batch: Callable[[list[dict]], None] | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> dict:
+                      progress: Callable[[int, int], None] | None = None, gate_file: Path | None = None) -> dict:
     """Time native and ``policies`` (spec strings, e.g. ``"preset"``) at each batch size in one
     engine (see the module docstring). Returns the summary with one result row per batch size
-    and policy; ``on_batch(rows)`` gets each batch size's rows as they are measured."""
+    and policy; ``on_batch(rows)`` gets each batch size's rows as they are measured;
+    ``gate_file`` (``lynx bench --calibrate``) gates every policy in the engine."""
     if max(batch_sizes) > len(prompts):
         raise ValueError(f"batch size {max(batch_sizes)} needs that many prompts, got {len(prompts)}")
     os.environ.update({"LYNX_POLICY": "topk", "LYNX_STATS_EVERY": "0", "VLLM_CPU_KVCACHE_SPACE": kv_cache_gib})
     os.environ.pop("LYNX_POLICY_FILE", None)
     os.environ.pop("LYNX_DEFAULT", None)
+    os.environ.pop("LYNX_GATE_FILE", None)
+    if gate_file is not None:
+        os.environ["LYNX_GATE_FILE"] = str(Path(gate_file).resolve())
     if bank is not None:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM

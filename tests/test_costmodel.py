@@ -1,0 +1,92 @@
+"""The cost model (fit, file, prediction) and the gate in both integrations' layer paths."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import lynx_moe as lynx
+from lynx_moe.costmodel import CostModel, fit, load_cost_model
+
+MEMORY_BOUND = CostModel(per_expert_ms=1.0, per_row_ms=0.0, fixed_ms=1.0)
+COMPUTE_BOUND = CostModel(per_expert_ms=1.0, per_row_ms=100.0, fixed_ms=1.0)
+
+
+def test_fit_recovers_a_known_model():
+    true = CostModel(per_expert_ms=4.0, per_row_ms=8.0, fixed_ms=10.0)
+    points = [(R, D, true.predict(R, D)) for R in (8, 32) for D in (8, 16, 24, 34, 47)]
+    got = fit(points)
+    assert got.per_expert_ms == pytest.approx(4.0, rel=1e-3)
+    assert got.per_row_ms == pytest.approx(8.0, rel=1e-2)
+    assert got.fixed_ms == pytest.approx(10.0, abs=0.05)
+    assert got.compute_floor(32) == pytest.approx(64.0, rel=1e-2)
+
+
+def test_bad_models_and_files_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="per_row_ms must be a finite number >= 0"):
+        CostModel(per_expert_ms=1.0, per_row_ms=-1.0)
+    with pytest.raises(ValueError, match="at least 3"):
+        fit([(8, 8, 10.0)])
+    bad = tmp_path / "gate.json"
+    bad.write_text(json.dumps({"policy": "topk"}))
+    with pytest.raises(ValueError, match="not a lynx cost-model file"):
+        load_cost_model(bad)
+    good = tmp_path / "good.json"
+    COMPUTE_BOUND.save(good)
+    assert load_cost_model(good) == COMPUTE_BOUND
+
+
+def test_pays_is_tensor_code():
+    rows, native, policy = torch.tensor(32), torch.tensor(47), torch.tensor(20)
+    assert bool(MEMORY_BOUND.pays(rows, native, policy))
+    assert not bool(COMPUTE_BOUND.pays(rows, native, policy))
+    assert not bool(MEMORY_BOUND.pays(rows, native, native))      # no cut, no gain
+
+
+def _layer_inputs(T=32, E=64, K=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g) + torch.randn(1, E, generator=g)
+    w, ids = torch.softmax(logits, -1).topk(K, -1)
+    return logits, w, ids.to(torch.int32)
+
+
+@pytest.mark.parametrize("policy", [lynx.AffinityBinning(3.0, 2), lynx.XShare(16, 1), lynx.BatchTopN(8)], ids=str)
+def test_the_vllm_gate_never_cuts_a_step_the_model_calls_compute_bound(policy):
+    from lynx_moe.integrations.vllm import reroute
+    logits, w, ids = _layer_inputs()
+    vote = valid = torch.ones(32, dtype=torch.bool)
+    kw = {"policy": policy, "top_k": 8, "num_experts": 64, "native_kwargs": {"renormalize": False}}
+    gw, gids = reroute(logits, w, ids, vote, valid, None, gate=COMPUTE_BOUND, **kw)
+    assert torch.equal(gids, ids) and torch.equal(gw, w)          # exactly native
+    mw, mids = reroute(logits, w, ids, vote, valid, None, gate=MEMORY_BOUND, **kw)
+    uw, uids = reroute(logits, w, ids, vote, valid, None, **kw)
+    assert torch.equal(mids, uids) and torch.equal(mw, uw)        # a gain: the ungated policy
+    assert lynx.distinct_experts(mids) < lynx.distinct_experts(ids)
+
+
+def test_the_hf_gate_never_cuts_a_step_the_model_calls_compute_bound():
+    from lynx_moe.measure.models import tiny_model
+    base = tiny_model("olmoe")
+    inputs = {"input_ids": torch.randint(3, 512, (16, 6), generator=torch.Generator().manual_seed(0))}
+
+    def run(**kw):
+        model = copy.deepcopy(base)
+        if kw:
+            lynx.apply_(model, lynx.BatchTopN(8), **kw)
+        with torch.no_grad():
+            seqs = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        return seqs, (lynx.routing_stats(model) if kw else None)
+
+    native, _ = run()
+    gated, stats = run(gate=COMPUTE_BOUND)
+    assert torch.equal(gated, native)
+    assert all(s.distinct_policy == s.distinct_native for s in stats)
+    open_, stats = run(gate=MEMORY_BOUND)
+    ungated, _ = run(stats=True)
+    assert torch.equal(open_, ungated)
+    assert all(s.distinct_policy < s.distinct_native for s in stats)
+    with pytest.raises(ValueError, match="gate must be a lynx_moe.costmodel.CostModel"):
+        lynx.apply_(copy.deepcopy(base), lynx.TopK(), gate="gate.json")
