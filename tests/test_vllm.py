@@ -525,6 +525,8 @@ def test_lynx_serve_splits_its_own_options_from_vllm_arguments():
     args = build_parser().parse_args(["serve", "M", "--lynx-default", "off"])
     assert _settings_env(args) == {"LYNX_POLICY": "preset", "LYNX_DEFAULT": "off"}
     assert load_settings(_settings_env(args)).requests_default == "off"
+    with pytest.raises(ValueError, match=r"LYNX_GATE_FILE='/nonexistent.json': .*not a lynx cost-model file"):
+        load_settings(_settings_env(build_parser().parse_args(["serve", "M", "--gate", "/nonexistent.json"])))
 
 
 def test_lynx_serve_rejects_a_bad_policy_file(tmp_path):

@@ -7,7 +7,7 @@
 
 Everything that is not a ``lynx serve`` option goes to vLLM's server unchanged. The
 server runs as a child process; the policy reaches vLLM's worker processes through
-``LYNX_POLICY`` / ``LYNX_POLICY_FILE`` / ``LYNX_STATS_EVERY`` / ``LYNX_DEFAULT`` (read by
+``LYNX_POLICY`` / ``LYNX_POLICY_FILE`` / ``LYNX_STATS_EVERY`` / ``LYNX_DEFAULT`` / ``LYNX_GATE_FILE`` (read by
 ``lynx_moe.integrations.vllm.register``, vLLM's ``general_plugins`` entry point). The settings are
 checked here first, so a bad spec fails in a second, not after vLLM has started.
 SIGINT and SIGTERM are passed on to the server, which shuts down cleanly.
@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON with per-model policies (see lynx_moe.integrations.vllm.load_settings)")
     parser.add_argument("--stats-every", type=int, default=None, metavar="N",
                         help="log distinct experts per decode step every N forward steps (0: never; default 200)")
+    parser.add_argument("--gate", default=None, metavar="FILE",
+                        help="cost model from `lynx bench --engine vllm --calibrate FILE`: cut only on steps where "
+                             "it predicts a gain")
     parser.add_argument("--lynx-default", choices=("on", "off"), default=None,
                         help="routing of requests that do not say (extra_body={'vllm_xargs': {'lynx': 'on'|'off'}}): "
                              "on (default) or off, i.e. batch-invariant native routing unless a request opts in")
@@ -72,6 +75,8 @@ def _settings_env(args: argparse.Namespace) -> dict[str, str]:
         env["LYNX_STATS_EVERY"] = str(args.stats_every)
     if args.lynx_default is not None:
         env["LYNX_DEFAULT"] = args.lynx_default
+    if args.gate is not None:
+        env["LYNX_GATE_FILE"] = os.path.abspath(args.gate)
     return env
 
 
