@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 
 __all__ = [
     "Policy", "TopK", "AffinityBinning", "Confidence", "StaticK", "SER", "BatchTopN",
-    "OEA", "XShare", "POLICIES", "policy_from_dict", "parse_policy",
+    "OEA", "XShare", "POLICIES", "policy_from_dict", "parse_policy", "load_policy",
 ]
 
 
@@ -361,3 +362,21 @@ def parse_policy(spec: str) -> Policy:
     policy = policy_from_dict(fields)
     # Floats given as integers ("alpha=3") are fine; the dataclass keeps them as typed.
     return policy
+
+
+def load_policy(path: str | Path) -> Policy:
+    """The ``default`` policy of a policy file (``lynx tune --out FILE``, the format
+    ``LYNX_POLICY_FILE`` reads): a spec string or a policy dict. ValueError names the file."""
+    import json
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it as a JSON policy file: {e}") from None
+    spec = data.get("default") if isinstance(data, dict) else None
+    if spec is None:
+        raise ValueError(f"{path}: no 'default' policy (expected {{\"default\": \"affinity_binning:alpha=3,beta=4\"}} "
+                         "or a policy dict)")
+    try:
+        return policy_from_dict(spec) if isinstance(spec, dict) else parse_policy(spec)
+    except ValueError as e:
+        raise ValueError(f"{path}: default: {e}") from None

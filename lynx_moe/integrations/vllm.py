@@ -136,7 +136,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings | None:
             data = json.loads(Path(file_name).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{_ENV_FILE}={file_name!r}: cannot read it as JSON: {e}") from None
-        unknown = sorted(set(data) - {"default", "models", "stats_every"}) if isinstance(data, dict) else None
+        unknown = sorted(set(data) - {"default", "models", "stats_every", "tuned"}) if isinstance(data, dict) else None
         if unknown is None or unknown or not isinstance(data.get("models", {}), dict):
             raise ValueError(f"{_ENV_FILE}={file_name!r}: expected an object with keys 'default', "
                              f"'models' (an object: model -> policy) and 'stats_every'; got {unknown or data!r}")
