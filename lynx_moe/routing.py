@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import fused
 from .policies import Policy, Step, TopK
 
 __all__ = ["SCORINGS", "Routing", "route", "select_experts", "distinct_experts", "changed_assignments"]
@@ -219,6 +220,11 @@ def route(
     nat_ids = nat_ids.long()
     if policy.kind == "native":
         return Routing(nat_w, nat_ids, nat_ids, vote)
+    # The rest in one fused call where a kernel takes it (same decisions; LYNX_FUSED=0: never).
+    fast = fused.inside(policy, x, sel, nat_w, nat_ids, mass, None if everyone else vote, scoring,
+                        renormalize, scale, num_expert_group is not None)
+    if fast is not None:
+        return Routing(fast[0], fast[1], nat_ids, vote)
 
     if everyone:
         step = Step(sel, nat_ids, nat_w, None, float(T), top_k)
