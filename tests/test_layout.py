@@ -77,7 +77,7 @@ def test_only_the_cli_parses_arguments_or_prints(path):
 def test_the_face_imports_core_modules_only_at_import_time():
     tree = ast.parse((PACKAGE / "__init__.py").read_text())
     top = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.level]
-    assert top and all((n.module or "").split(".")[0] in ("policies", "routing", "presets", "") for n in top)
+    assert top and all((n.module or "").split(".")[0] in ("policies", "routing", "presets", "costmodel", "") for n in top)
 
 
 def test_import_lynx_moe_loads_no_framework():
