@@ -20,7 +20,9 @@ exactly the native routing and does not influence the others. A set policy decid
 selection logits; for grouped routing only inside its natively chosen groups; equal logits
 go to the row's native experts first, then to the lower index). A row with
 fewer than ``top_k`` such experts fills the remaining slots with its own native experts, so
-a step never touches an expert that native routing would not have touched. A row policy
+a step never touches an expert that native routing would not have touched, as long as
+``keep`` holds only natively chosen experts (every set policy but the paper's AffinityBinning,
+whose picks can include a row's top-bin expert that no row chose: docs/algorithms.md). A row policy
 (StaticK, SER) keeps a prefix of each row's native experts; the other slots get weight 0 and
 ids of experts the batch already uses (then the row's next native ones), never a duplicate.
 
