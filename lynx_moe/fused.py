@@ -1,22 +1,24 @@
-"""Fused policy step: a policy's decision and the shared "route each voting row inside keep"
-step in one call, for ``routing.route``.
+"""Fused policy step: native routing, a policy's decision and the shared "route each voting
+row inside keep" step in one call, for ``routing.route``.
 
 The torch code in ``routing.py``/``policies.py`` is ~35 small ops, each paying dispatch
-(150-300 us per call on a CPU, 35 launches on a GPU). ``route`` computes native routing
-itself and then asks ``inside(...)`` for the rest; ``None`` means no fused kernel takes the
-call and the reference runs, so the reference stays both the specification and the fallback.
+(150-300 us per call on a CPU, 35 launches on a GPU). After its checks, ``route`` asks
+``route(...)`` here for the whole step; ``None`` means no fused kernel takes the call and
+the reference runs, so the reference stays both the specification and the fallback.
 
-- CPU: one C++ torch operator, ``torch.ops.lynx_moe.inside`` (``csrc/inside.cpp``), compiled
+- CPU: one C++ torch operator, ``torch.ops.lynx_moe.route`` (``csrc/inside.cpp``), compiled
   on first use by ``torch.utils.cpp_extension`` (needs g++ and ninja) and cached in torch's
   extension folder (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). If it
   cannot be built, one warning says why and the reference runs.
-- CUDA: Triton kernels (``triton_kernels.py``), when triton is installed.
+- CUDA: the reference's native routing, then two Triton launches (``triton_kernels.py``),
+  when triton is installed.
 - ``LYNX_FUSED=0`` in the environment forces the reference everywhere (read on every call).
 
-Decisions are the reference's, bit for bit (ids, kept sets and, on the CPU, weights); see
-``csrc/inside.cpp`` for how. Every policy is fused on the CPU except AffinityBinning with
-``beta > 6``; on CUDA see ``triton_kernels.py``. Calls that need gradients stay on the
-reference (the fused weights carry none).
+Decisions are the reference's, bit for bit (native and final ids, kept sets and, on the CPU,
+weights); see ``csrc/inside.cpp`` for how. Every policy but TopK (native routing itself) is
+fused on the CPU, except AffinityBinning with ``beta > 6``; on CUDA see
+``triton_kernels.py``. Calls that need gradients stay on the reference (the fused weights
+carry none).
 
 Legend: T router rows, E experts, K top-k.
 """
@@ -41,10 +43,11 @@ from .policies import (
     XShare,
 )
 
-__all__ = ["cpu_kernel_available", "enabled", "inside", "policy_args", "triton_available"]
+__all__ = ["cpu_kernel_available", "enabled", "policy_args", "route", "triton_available", "triton_route"]
 
-# Policy codes, as in csrc/inside.cpp.
+# Policy and scoring codes, as in csrc/inside.cpp.
 AFFINITY, CONFIDENCE, OEA_CODE, TOP_MASS, STATIC_K, SER_CODE = range(6)
+SCORINGS = {"softmax": 0, "softmax_topk": 1, "sigmoid": 2}
 _BUILD: dict[str, bool] = {}   # the one C++ build of this process: "cpu" -> loaded
 
 
@@ -78,10 +81,14 @@ def _build_cpu() -> bool:
     from torch.utils import cpp_extension
 
     src = Path(__file__).with_name("csrc") / "inside.cpp"
-    name = "lynx_moe_inside_" + re.sub(r"\W", "_", torch.__version__)
+    # AVX2 where this CPU has it (a build of its own name, so a shared cache never serves it to a
+    # CPU without). Same results: IEEE operations and no contraction either way.
+    avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    name = "lynx_moe_inside_" + re.sub(r"\W", "_", torch.__version__) + ("_avx2" if avx2 else "")
+    flags = ["-O3", "-ffp-contract=off"] + (["-mavx2"] if avx2 else [])
     try:
-        cpp_extension.load(name=name, sources=[str(src)], extra_cflags=["-O3", "-ffp-contract=off"],
-                           is_python_module=False, with_cuda=False)
+        cpp_extension.load(name=name, sources=[str(src)], extra_cflags=flags, is_python_module=False,
+                           with_cuda=False)
     except (RuntimeError, OSError, ImportError, Exception) as e:   # noqa: BLE001 (any build failure)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"lynx_moe: the fused CPU routing kernel could not be built ({first}); it needs a "
@@ -93,7 +100,7 @@ def _build_cpu() -> bool:
 
 @torch._dynamo.assume_constant_result
 def cpu_kernel_available() -> bool:
-    """Whether ``torch.ops.lynx_moe.inside`` runs here (builds it on the first call)."""
+    """Whether ``torch.ops.lynx_moe.route`` runs here (builds it on the first call)."""
     if "cpu" not in _BUILD:
         _BUILD["cpu"] = _build_cpu()
         if _BUILD["cpu"]:
@@ -137,33 +144,45 @@ def _register_triton(launch) -> None:
 
 
 def _register_fake() -> None:
-    @torch.library.register_fake("lynx_moe::inside")
-    def _(x, sel, native_w, native_ids, mass, vote, policy, p, n0, n1, flag, sigmoid, renormalize,
-          scale, grouped):
-        return torch.empty_like(native_w, dtype=torch.float32), torch.empty_like(native_ids, dtype=torch.long)
+    @torch.library.register_fake("lynx_moe::route")
+    def _(x, vote, native_w, native_ids, bias, top_k, scoring, renormalize, n_group, topk_group, scale,
+          policy, p, n0, n1, flag):
+        T = x.shape[0]
+        return (x.new_empty(T, top_k), x.new_empty(T, top_k, dtype=torch.long),
+                x.new_empty(T, top_k, dtype=torch.long))
 
 
-def inside(policy: Policy, x: torch.Tensor, sel: torch.Tensor, native_w: torch.Tensor,
-           native_ids: torch.Tensor, mass: torch.Tensor, vote: torch.Tensor | None, scoring: str,
-           renormalize: bool, scale: float, grouped: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(weights f32 [T, K], ids i64 [T, K])`` of ``route``'s policy step, or None when no
-    fused kernel takes the call (then the reference runs).
+def route(policy: Policy, x: torch.Tensor, top_k: int, renormalize: bool, scoring: str,
+          vote: torch.Tensor | None, native: tuple[torch.Tensor, torch.Tensor] | None,
+          bias: torch.Tensor | None, n_group: int | None, topk_group: int | None,
+          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(weights f32 [T, K], ids i64 [T, K], native ids i64 [T, K])`` of ``routing.route``
+    after its checks, or None when no fused kernel takes the call (then the reference runs).
 
-    Inputs are ``route``'s: sanitised fp32 logits ``x [T, E]``, selection logits ``sel``,
-    native ``native_w``/``native_ids [T, K]`` and ``mass [T]``, ``vote [T]`` (None: every
-    row votes). Rows that do not vote get the native weights and ids."""
-    if not enabled():
-        return None
+    ``x [T, E]``: the sanitised fp32 logits; ``vote [T]`` (None: every row votes); the rest
+    are ``route``'s arguments (``native``: an engine's own ``(weights, ids)``). Rows that do
+    not vote get exactly the native weights and ids."""
     args = policy_args(policy)
-    if args is None or (x.requires_grad and torch.is_grad_enabled()):
+    if args is None or not enabled() or (x.requires_grad and torch.is_grad_enabled()):
         return None
-    sigmoid = scoring == "sigmoid"
-    if x.device.type == "cpu":
-        if not cpu_kernel_available():
-            return None
-        return torch.ops.lynx_moe.inside(x, sel, native_w, native_ids.long(), mass, vote, *args, sigmoid,
-                                         renormalize, float(scale), grouped)
-    if x.device.type == "cuda" and triton_available() and _triton_takes(x.shape, args):
-        return torch.ops.lynx_moe.inside_triton(x, sel, native_w, native_ids.long(), mass, vote, *args,
-                                                sigmoid, renormalize, float(scale), grouped)
+    device = x.device.type
+    if device == "cpu" and cpu_kernel_available():
+        given_w, given_ids = (None, None) if native is None else native
+        return torch.ops.lynx_moe.route.default(x, vote, given_w, given_ids, bias, top_k, SCORINGS[scoring],
+                                                renormalize, n_group or 0, topk_group or 0, scale, *args)
+    if device == "cuda" and triton_available() and _triton_takes(x.shape, args):
+        return triton_route(torch.ops.lynx_moe.inside_triton.default, args, x, top_k, renormalize, scoring,
+                            vote, native, bias, n_group, topk_group, scale)
     return None
+
+
+def triton_route(launch, args, x, top_k, renormalize, scoring, vote, native, bias, n_group, topk_group, scale):
+    """The CUDA path: native routing as the reference does it, then ``launch`` (the Triton
+    operator; the tests pass ``triton_kernels.launch`` to run it under the interpreter)."""
+    from .routing import _native
+
+    nat_w, nat_ids, sel, mass = _native(x, top_k, renormalize, scoring, bias, n_group, topk_group, scale, native)
+    nat_ids = nat_ids.long()
+    w, ids = launch(x, sel, nat_w, nat_ids, mass, vote, *args, scoring == "sigmoid", renormalize, scale,
+                    n_group is not None)
+    return w, ids, nat_ids

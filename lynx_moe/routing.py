@@ -217,16 +217,16 @@ def route(
     vote = _row_mask(decode_mask, T, "decode_mask", dev) & _row_mask(valid_mask, T, "valid_mask", dev)
     x = torch.nan_to_num(router_logits.float(), nan=_F32.min, posinf=_F32.max, neginf=_F32.min)
     scale = float(routed_scaling_factor)
+    # The whole step in one fused call where a kernel takes it (same decisions; LYNX_FUSED=0: never).
+    fast = fused.route(policy, x, top_k, renormalize, scoring, None if everyone else vote, native,
+                       e_score_correction_bias, num_expert_group, topk_group, scale)
+    if fast is not None:
+        return Routing(*fast, vote)
     nat_w, nat_ids, sel, mass = _native(x, top_k, renormalize, scoring, e_score_correction_bias,
                                         num_expert_group, topk_group, scale, native)
     nat_ids = nat_ids.long()
     if policy.kind == "native":
         return Routing(nat_w, nat_ids, nat_ids, vote)
-    # The rest in one fused call where a kernel takes it (same decisions; LYNX_FUSED=0: never).
-    fast = fused.inside(policy, x, sel, nat_w, nat_ids, mass, None if everyone else vote, scoring,
-                        renormalize, scale, num_expert_group is not None)
-    if fast is not None:
-        return Routing(fast[0], fast[1], nat_ids, vote)
 
     if everyone:
         step = Step(sel, nat_ids, nat_w, None, float(T), top_k)

@@ -177,14 +177,12 @@ def test_fused_matches_reference_on_recorded_router_logits(folder):
 
 def test_forcing_the_reference():
     L = torch.randn(16, 32)
+    args = (lynx.OEA(1), L, 4, True, "softmax", None, None, None, None, None, 1.0)
     with fused_path(False):
-        assert not fused.enabled()
-        assert fused.inside(lynx.OEA(1), L, L, *torch.topk(L, 4), torch.ones(16), None, "softmax", True, 1.0,
-                            False) is None
+        assert not fused.enabled() and fused.route(*args) is None
     with fused_path(True):
-        assert fused.enabled()
-        assert fused.inside(lynx.OEA(1), L, L, *torch.topk(L, 4), torch.ones(16), None, "softmax", True, 1.0,
-                            False) is not None
+        assert fused.enabled() and fused.route(*args) is not None
+        assert fused.route(lynx.TopK(), *args[1:]) is None   # native routing is the reference's own
 
 
 def test_gradients_stay_on_the_reference():
@@ -228,7 +226,7 @@ def test_the_fused_operator_compiles_into_one_graph_node():
         w, ids = fn(L, 8, lynx.AffinityBinning(3.0, 2), True, "softmax", decode, None)
         ew, eids = lynx.select_experts(L, 8, lynx.AffinityBinning(3.0, 2), True, "softmax", decode, None)
     assert torch.equal(ids, eids) and torch.equal(w, ew)
-    assert any("lynx_moe.inside" in g.code for g in graphs)
+    assert any("lynx_moe.route" in g.code for g in graphs)
 
 
 # --- Triton kernels (the CUDA path), under the interpreter on CPU tensors ------------------------

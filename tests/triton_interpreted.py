@@ -31,22 +31,23 @@ TAKEN = [0]
 
 def triton_route(router_logits, top_k, policy, renormalize=True, scoring="softmax", decode_mask=None,
                  valid_mask=None, **native):
-    """route() with the Triton kernels in place of the C++ operator; None if they do not take it."""
+    """route() with fused.route's CUDA path (the reference's native routing, then the Triton
+    kernels) on CPU tensors; None if the kernels do not take the call."""
     taken = []
 
-    def launch(policy_, x, sel, native_w, native_ids, mass, vote, scoring_, renormalize_, scale, grouped):
+    def cuda_path(policy_, x, k, renormalize_, scoring_, vote, given, bias, n_group, topk_group, scale):
         args = fused.policy_args(policy_)
         if args is None or not triton_kernels.takes(x.shape[0], x.shape[1], args[0], args[2]):
             return None
         taken.append(True)
-        return triton_kernels.launch(x, sel, native_w, native_ids.long(), mass, vote, *args, scoring_ == "sigmoid",
-                                     renormalize_, float(scale), grouped)
+        return fused.triton_route(triton_kernels.launch, args, x, k, renormalize_, scoring_, vote, given, bias,
+                                  n_group, topk_group, scale)
 
-    real, fused.inside = fused.inside, launch
+    real, fused.route = fused.route, cuda_path
     try:
         r = routing.route(router_logits, top_k, policy, renormalize, scoring, decode_mask, valid_mask, **native)
     finally:
-        fused.inside = real
+        fused.route = real
     return r if taken else None
 
 

@@ -24,11 +24,16 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/exp.h>
+#include <ATen/ops/logit.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/pow.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/sigmoid.h>
+#include <ATen/ops/softmax.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/topk.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -312,17 +317,19 @@ std::vector<int64_t> row_counts(const Rows& r, const Tensor& native_w, int64_t p
   return counts;
 }
 
+// Steps 2-4 for the voting rows, given the native routing: the decision, the tiered top-K
+// inside it, the weights. Rows that do not vote get the native weights and ids.
 std::tuple<Tensor, Tensor> inside(const Tensor& x, const Tensor& sel, const Tensor& native_w,
                                   const Tensor& native_ids, const Tensor& mass,
                                   const std::optional<Tensor>& vote, int64_t policy, double p,
                                   int64_t n0, int64_t n1, bool flag, bool sigmoid, bool renormalize,
                                   double scale, bool grouped) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && sel.sizes() == x.sizes() &&
-              sel.scalar_type() == at::kFloat, "lynx_moe.inside: x and sel must be float32 [T, E]");
+              sel.scalar_type() == at::kFloat, "lynx_moe.route: x and sel must be float32 [T, E]");
   const int64_t T = x.size(0), E = x.size(1), K = native_ids.size(1);
   TORCH_CHECK(native_ids.scalar_type() == at::kLong && native_w.scalar_type() == at::kFloat &&
               native_w.sizes() == native_ids.sizes() && native_ids.size(0) == T,
-              "lynx_moe.inside: native weights float32 and ids int64, both [T, K]");
+              "lynx_moe.route: native weights float32 and ids int64, both [T, K]");
   Tensor xc = x.contiguous(), sc = sel.contiguous(), nat = native_ids.contiguous();
   Tensor mc = mass.contiguous(), vc = vote ? vote->contiguous() : Tensor();
   const float* xp = xc.data_ptr<float>();
@@ -341,7 +348,7 @@ std::tuple<Tensor, Tensor> inside(const Tensor& x, const Tensor& sel, const Tens
       own = row_counts(r, native_w, policy, n0, p);
       r.union_first(own.data(), 0, in.data());
       break;
-    default: TORCH_CHECK(false, "lynx_moe.inside: unknown policy code ", policy);
+    default: TORCH_CHECK(false, "lynx_moe.route: unknown policy code ", policy);
   }
   const bool row_policy = !own.empty();
 
@@ -454,12 +461,132 @@ std::tuple<Tensor, Tensor> inside(const Tensor& x, const Tensor& sel, const Tens
   return {weights, ids};
 }
 
+
+enum Scoring : int64_t { SOFTMAX = 0, SOFTMAX_TOPK = 1, SIGMOID = 2 };
+
+struct Native {
+  Tensor w, ids, sel, mass;  // [T, K] f32, [T, K] i64, [T, E] f32, [T] f32
+};
+
+// out[t, j] = src[t, ids[t, j]] as a new contiguous [T, K] tensor (torch's gather).
+Tensor gather_rows(const Tensor& src, const Tensor& ids) {
+  Tensor s = src.contiguous(), i = ids.contiguous();
+  const int64_t T = i.size(0), K = i.size(1), E = s.size(1);
+  Tensor out = at::empty({T, K}, s.options());
+  const float* sp = s.data_ptr<float>();
+  const int64_t* idp = i.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < K; ++j) op[t * K + j] = sp[t * E + idp[t * K + j]];
+  return out;
+}
+
+// routing._native, op for op (the same ATen kernels on the same shapes where order or
+// transcendental functions matter, single IEEE operations elsewhere).
+Native native_routing(const Tensor& x, int64_t K, int64_t scoring, bool renormalize,
+                      const std::optional<Tensor>& bias, int64_t n_group, int64_t topk_group, double scale,
+                      const std::optional<Tensor>& given_w, const std::optional<Tensor>& given_ids) {
+  const int64_t T = x.size(0), E = x.size(1);
+  const Tensor ones = at::ones({T}, x.options());
+  // The score that chooses, biased if a bias is given, in logit space (clamped to (0, 1)).
+  auto biased = [&](const Tensor& scores, Tensor& choice) {
+    Tensor b = bias->to(at::kFloat).contiguous();
+    choice = at::empty_like(scores);
+    Tensor clamped = at::empty_like(scores);
+    const float *sp = scores.data_ptr<float>(), *bp = b.data_ptr<float>();
+    float *cp = choice.data_ptr<float>(), *kp = clamped.data_ptr<float>();
+    const float lo = static_cast<float>(1e-12), hi = static_cast<float>(1 - 1e-7);
+    for (int64_t i = 0; i < T * E; ++i) {
+      cp[i] = sp[i] + bp[i % E];
+      kp[i] = std::min(std::max(cp[i], lo), hi);
+    }
+    return at::logit(clamped);
+  };
+  if (given_w && n_group == 0) {
+    Tensor w = given_w->to(at::kFloat), ids = given_ids->to(at::kLong);
+    Tensor choice, sel = scoring == SIGMOID && bias ? biased(at::sigmoid(x), choice) : x;
+    if (renormalize) return {w, ids, sel, ones};
+    Tensor probs = scoring == SOFTMAX ? at::softmax(x, -1) : at::sigmoid(x);
+    return {w, ids, sel, at::sum(gather_rows(probs, ids), {-1})};
+  }
+  if (given_w) {  // grouped: the row's groups are needed, so route and keep the engine's result
+    Native n = native_routing(x, K, scoring, renormalize, bias, n_group, topk_group, scale, {}, {});
+    return {given_w->to(at::kFloat), given_ids->to(at::kLong), n.sel, n.mass};
+  }
+  if (scoring == SOFTMAX) {
+    auto [w, ids] = at::topk(at::softmax(x, -1), K, -1);
+    Tensor mass = at::sum(w, {-1});
+    if (renormalize) {
+      float* wp = w.data_ptr<float>();
+      const float* mp = mass.data_ptr<float>();
+      for (int64_t i = 0; i < T * K; ++i) wp[i] = wp[i] / mp[i / K];
+    }
+    return {w, ids, x, mass};
+  }
+  if (scoring == SOFTMAX_TOPK) {
+    auto [vals, ids] = at::topk(x, K, -1);
+    return {at::softmax(vals, -1), ids, x, ones};
+  }
+  Tensor scores = at::sigmoid(x);
+  Tensor choice = scores, sel = x;
+  if (bias) sel = biased(scores, choice);
+  if (n_group > 0) {
+    // DeepSeek-V3: groups by the sum of their best two biased scores; outside the row's
+    // chosen groups the choice is 0 and the selection logit -inf.
+    const int64_t size = E / n_group;
+    Tensor group_scores = at::sum(std::get<0>(at::topk(choice.view({T, n_group, size}),
+                                                       std::min<int64_t>(2, size), -1)), {-1});
+    Tensor groups = std::get<1>(at::topk(group_scores, topk_group, -1)).contiguous();
+    Tensor masked = choice.clone(), sel_masked = sel.contiguous().clone();
+    float *cp = masked.data_ptr<float>(), *lp = sel_masked.data_ptr<float>();
+    const int64_t* gp = groups.data_ptr<int64_t>();
+    std::vector<uint8_t> allowed(n_group);
+    for (int64_t t = 0; t < T; ++t) {
+      std::fill(allowed.begin(), allowed.end(), 0);
+      for (int64_t j = 0; j < topk_group; ++j) allowed[gp[t * topk_group + j]] = 1;
+      for (int64_t e = 0; e < E; ++e)
+        if (!allowed[e / size]) {
+          cp[t * E + e] = 0.f;
+          lp[t * E + e] = -INFINITY;
+        }
+    }
+    choice = masked;
+    sel = sel_masked;
+  }
+  Tensor ids = std::get<1>(at::topk(choice, K, -1));
+  Tensor w = gather_rows(scores, ids);
+  Tensor mass = at::sum(w, {-1});
+  float* wp = w.data_ptr<float>();
+  const float* mp = mass.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  for (int64_t i = 0; i < T * K; ++i) {
+    if (renormalize) wp[i] = wp[i] / (mp[i / K] + 1e-20f);
+    wp[i] = wp[i] * fscale;
+  }
+  return {w, ids, sel, mass};
+}
+
+// The operator: native routing, then the policy step. Returns (weights, ids, native ids).
+std::tuple<Tensor, Tensor, Tensor> route(const Tensor& x, const std::optional<Tensor>& vote,
+                                         const std::optional<Tensor>& given_w,
+                                         const std::optional<Tensor>& given_ids,
+                                         const std::optional<Tensor>& bias, int64_t top_k, int64_t scoring,
+                                         bool renormalize, int64_t n_group, int64_t topk_group, double scale,
+                                         int64_t policy, double p, int64_t n0, int64_t n1, bool flag) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "lynx_moe.route: x must be float32 [T, E]");
+  Tensor xc = x.contiguous();
+  Native n = native_routing(xc, top_k, scoring, renormalize, bias, n_group, topk_group, scale, given_w, given_ids);
+  auto [w, ids] = inside(xc, n.sel, n.w, n.ids, n.mass, vote, policy, p, n0, n1, flag, scoring == SIGMOID,
+                         renormalize, scale, n_group > 0);
+  return {w, ids, n.ids};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lynx_moe, m) {
-  m.def("inside(Tensor x, Tensor sel, Tensor native_w, Tensor native_ids, Tensor mass, Tensor? vote, "
-        "int policy, float p, int n0, int n1, bool flag, bool sigmoid, bool renormalize, float scale, "
-        "bool grouped) -> (Tensor, Tensor)");
+  m.def("route(Tensor x, Tensor? vote, Tensor? native_w, Tensor? native_ids, Tensor? bias, int top_k, "
+        "int scoring, bool renormalize, int n_group, int topk_group, float scale, int policy, float p, "
+        "int n0, int n1, bool flag) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(lynx_moe, CPU, m) { m.impl("inside", &inside); }
+TORCH_LIBRARY_IMPL(lynx_moe, CPU, m) { m.impl("route", &route); }
