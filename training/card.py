@@ -42,6 +42,12 @@ def load(path):
     return model, tok
 
 
+def n_experts(cfg) -> int:
+    """Routed experts per MoE layer: ``num_experts`` (OLMoE, Qwen3-MoE) or ``n_routed_experts`` (DeepSeek-V3)."""
+    n = getattr(cfg, "num_experts", None)
+    return int(n if n is not None else cfg.n_routed_experts)
+
+
 def read_jsonl(p):
     with open(p, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
@@ -112,7 +118,7 @@ def distinct_experts(model, tok, seqs, batch_sizes=(1, 8, 32, 64), prompt=32, st
 
     tap = RouterTap(model)
     out = {}
-    E, k = model.config.num_experts, model.config.num_experts_per_tok
+    E, k = n_experts(model.config), model.config.num_experts_per_tok
     for B in batch_sizes:
         use = seqs[:16] if B == 1 else seqs[: (len(seqs) // B) * B]
         per_layer = [[] for _ in model.model.layers]

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from training.card import (MC_TASKS, MUTUAL_INFO_TASKS, SEED, decode_pool, distinct_experts, gen_accuracy,
-                           heldout_metrics, load, mc_accuracy, read_jsonl, samples, train_summary, vllm_check)
+                           heldout_metrics, load, mc_accuracy, n_experts, read_jsonl, samples, train_summary,
+                           vllm_check)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ def main():
     mdir, ev = Path(args.model), Path(args.eval_dir)
     model, tok = load(mdir)
     cfg = model.config
-    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    E, k = n_experts(cfg), cfg.num_experts_per_tok
     out_path = mdir / "metrics.json"
     metrics = {"model": mdir.name, "architecture": cfg.architectures[0] if cfg.architectures else type(model).__name__,
                "dtype_for_eval": "float32 (weights stored in bf16)",
