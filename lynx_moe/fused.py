@@ -89,7 +89,7 @@ def _build_cpu() -> bool:
     try:
         cpp_extension.load(name=name, sources=[str(src)], extra_cflags=flags, is_python_module=False,
                            with_cuda=False)
-    except (RuntimeError, OSError, ImportError, Exception) as e:   # noqa: BLE001 (any build failure)
+    except Exception as e:   # noqa: BLE001 (whatever stops the build, the reference still runs)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"lynx_moe: the fused CPU routing kernel could not be built ({first}); it needs a "
                       "C++ compiler (g++) and ninja (pip install ninja). Using the reference torch path "

@@ -240,3 +240,48 @@ def test_triton_kernels_match_reference_under_the_interpreter():
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "cases agree" in r.stdout
+
+
+def test_triton_kernels_compile_for_a_gpu():
+    """Without a GPU: every kernel variant compiles ahead of time to an sm_90 cubin (Triton's
+    own LLVM and ptxas), so a kernel that the interpreter accepts but the compiler rejects
+    fails here."""
+    pytest.importorskip("triton", reason="triton is not installed (it comes with the vllm extra)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1: the kernels are Python here")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lynx_moe import triton_kernels as tk
+
+    target = GPUTarget("cuda", 90, 32)
+    pointers = {"sel_ptr": "*fp32", "natw_ptr": "*fp32", "nati_ptr": "*i64", "vote_ptr": "*i1",
+                "head_ptr": "*fp32", "tail_ptr": "*fp32", "in_ptr": "*i32", "own_ptr": "*i32"}
+    scalars = {"T": "i32", "E": "i32", "K": "i32", "p": "fp32", "n0": "i32", "n1": "i32", "flag": "i32"}
+    for policy in range(6):
+        const = {"POLICY": policy, "HAS_VOTE": True, "BLOCK_T": 16, "BLOCK_E": 128}
+        sig = {**pointers, **scalars, **dict.fromkeys(const, "constexpr")}
+        assert triton.compile(ASTSource(fn=tk._decide, signature=sig, constexprs=const), target=target,
+                              options={"enable_fp_fusion": False}).asm["cubin"]
+    pointers = {"x_ptr": "*fp32", "sel_ptr": "*fp32", "natw_ptr": "*fp32", "nati_ptr": "*i64", "mass_ptr": "*fp32",
+                "vote_ptr": "*i1", "in_ptr": "*i32", "own_ptr": "*i32", "w_ptr": "*fp32", "ids_ptr": "*i64"}
+    for row_policy, sigmoid in ((False, False), (True, True)):
+        const = {"ROW_POLICY": row_policy, "HAS_VOTE": True, "SIGMOID": sigmoid, "RENORMALIZE": False,
+                 "SCALED": True, "GROUPED": True, "BLOCK_T": 16, "BLOCK_E": 128, "BLOCK_K": 8}
+        sig = {**pointers, "T": "i32", "E": "i32", "K": "i32", "scale": "fp32", **dict.fromkeys(const, "constexpr")}
+        assert triton.compile(ASTSource(fn=tk._route, signature=sig, constexprs=const), target=target,
+                              options={"enable_fp_fusion": False}).asm["cubin"]
+
+
+def test_the_operator_keeps_its_schema_and_fake_kernel():
+    """torch.library's own checks: outputs never alias inputs (an engine's tensors go in),
+    the fake kernel's shapes match, as torch.compile relies on."""
+    L = torch.randn(12, 32)
+    w, ids = torch.topk(torch.softmax(L, -1), 4)
+    vote = torch.arange(12) % 3 != 0
+    for native_w, native_ids in ((None, None), (w, ids)):
+        args = (L, vote, native_w, native_ids, None, 4, 0, False, 0, 0, 1.0,
+                *fused.policy_args(lynx.AffinityBinning(3.0, 2)))
+        torch.library.opcheck(torch.ops.lynx_moe.route.default, args,
+                              test_utils=("test_schema", "test_faketensor"))

@@ -1,19 +1,22 @@
-// The fused CPU policy step of lynx_moe.routing.route, as one torch operator:
+// The fused CPU step of lynx_moe.routing.route, as one torch operator:
 //
-//     torch.ops.lynx_moe.inside(x, sel, native_w, native_ids, mass, vote, policy, p, n0, n1,
-//                               flag, sigmoid, renormalize, scale, grouped) -> (weights, ids)
+//     torch.ops.lynx_moe.route(x, vote, native_w, native_ids, bias, top_k, scoring, renormalize,
+//                              n_group, topk_group, scale, policy, p, n0, n1, flag)
+//         -> (weights [T, K] f32, ids [T, K] i64, native ids [T, K] i64)
 //
-// It takes what route() has already computed natively (sanitised fp32 logits x [T, E], the
-// selection logits sel [T, E], native weights/ids [T, K], native mass [T], vote [T] or None)
-// and does the rest in one call: the policy's decision (keep[E] for set policies, per-row
-// counts for row policies) and the shared step (each voting row's tiered top-K inside keep,
-// then its weights). lynx_moe/fused.py builds it with torch.utils.cpp_extension and checks
-// which policies it may take.
+// x [T, E]: route()'s sanitised fp32 logits; vote [T] or None (every row votes); native_w/ids:
+// an engine's own native result or None; the rest route()'s routing keywords and the policy's
+// code and parameters (lynx_moe/fused.py). One call does the whole step: native routing as
+// routing._native does it, the policy's decision (keep[E] for set policies, per-row counts
+// for row policies), then the shared step (each voting row's tiered top-K inside keep, its
+// weights). lynx_moe/fused.py builds it with torch.utils.cpp_extension and says which
+// policies it may take.
 //
 // Same decisions as the torch reference, bit for bit, by construction:
-// - everything order-sensitive is done with the reference's own ATen calls on tensors of the
-//   same shape (exp/sigmoid of the chosen logits, the row sums of the weights, Confidence's
-//   half sums, AffinityBinning's float64 pow and column sum when it cannot be exact);
+// - everything order-sensitive or transcendental is done with the reference's own ATen calls
+//   on tensors of the same shape (softmax, sigmoid, logit, every topk, exp of the chosen
+//   logits, the row sums, Confidence's half sums, AffinityBinning's float64 pow and column
+//   sum when it cannot be exact);
 // - everything else is integer logic or single IEEE operations in the reference's precision
 //   (float32 where torch casts a Python scalar to float32; built with -ffp-contract=off);
 // - ties break as the reference's stable sorts and unique keys do: higher key first, then
@@ -503,7 +506,9 @@ Native native_routing(const Tensor& x, int64_t K, int64_t scoring, bool renormal
     return at::logit(clamped);
   };
   if (given_w && n_group == 0) {
-    Tensor w = given_w->to(at::kFloat), ids = given_ids->to(at::kLong);
+    // ids are returned as the native ids: a copy, never the caller's tensor (an operator's
+    // outputs must not alias its inputs; torch.compile reuses output buffers).
+    Tensor w = given_w->to(at::kFloat), ids = given_ids->to(at::kLong, false, true);
     Tensor choice, sel = scoring == SIGMOID && bias ? biased(at::sigmoid(x), choice) : x;
     if (renormalize) return {w, ids, sel, ones};
     Tensor probs = scoring == SOFTMAX ? at::softmax(x, -1) : at::sigmoid(x);
@@ -511,7 +516,7 @@ Native native_routing(const Tensor& x, int64_t K, int64_t scoring, bool renormal
   }
   if (given_w) {  // grouped: the row's groups are needed, so route and keep the engine's result
     Native n = native_routing(x, K, scoring, renormalize, bias, n_group, topk_group, scale, {}, {});
-    return {given_w->to(at::kFloat), given_ids->to(at::kLong), n.sel, n.mass};
+    return {given_w->to(at::kFloat), given_ids->to(at::kLong, false, true), n.sel, n.mass};
   }
   if (scoring == SOFTMAX) {
     auto [w, ids] = at::topk(at::softmax(x, -1), K, -1);
