@@ -259,7 +259,7 @@ def test_triton_kernels_compile_for_a_gpu():
     pointers = {"sel_ptr": "*fp32", "natw_ptr": "*fp32", "nati_ptr": "*i64", "vote_ptr": "*i1",
                 "head_ptr": "*fp32", "tail_ptr": "*fp32", "in_ptr": "*i32", "own_ptr": "*i32"}
     scalars = {"T": "i32", "E": "i32", "K": "i32", "p": "fp32", "n0": "i32", "n1": "i32", "flag": "i32"}
-    for policy in range(6):
+    for policy in (tk.AFFINITY, tk.CONFIDENCE, tk.TOP_MASS, tk.SER):   # each branch of _decide
         const = {"POLICY": policy, "HAS_VOTE": True, "BLOCK_T": 16, "BLOCK_E": 128}
         sig = {**pointers, **scalars, **dict.fromkeys(const, "constexpr")}
         assert triton.compile(ASTSource(fn=tk._decide, signature=sig, constexprs=const), target=target,
