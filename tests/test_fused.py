@@ -143,36 +143,41 @@ def test_fused_takes_strided_logits():
         assert_same(*both(router_logits=L, top_k=8, policy=policy))
 
 
-def _recorded(folder: str, steps: int = 3, rows: int = 24) -> torch.Tensor:
+def _recorded(folder: str, steps: int = 3, rows: int = 24):
+    """``(router logits [L, S, B, E], top_k, each layer's native routing keywords)`` recorded
+    from a reference model's decode steps on random tokens."""
     pytest.importorskip("transformers")
     path = MODELS / folder
     if not (path / "model.safetensors").exists():
         pytest.skip(f"{folder} checkpoint missing")
+    from lynx_moe.integrations import hf
     from lynx_moe.measure.decode import record_routing
     from lynx_moe.measure.models import load_model
     model, _ = load_model(path, dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(4, model.config.vocab_size, (rows, 8 + steps), generator=g)
-    logits, _ = record_routing(model, tokens, prompt_len=8)       # [L, S, B, E]
-    return logits
+    logits, _ = record_routing(model, tokens, prompt_len=8)
+    layers = hf.moe_layers(model)
+    return logits, layers[0].top_k, [hf._handler(m.router)(m.router) for m in layers]
 
 
-@pytest.mark.parametrize("folder", ["lynx-ref-moe", "lynx-ref-qwen3moe"])
+@pytest.mark.parametrize("folder", ["lynx-ref-moe", "lynx-ref-qwen3moe", "lynx-ref-dsv3"])
 def test_fused_matches_reference_on_recorded_router_logits(folder):
-    logits = _recorded(folder)
+    """OLMoE (raw top-k mass), Qwen3-MoE (normalised top-k), DeepSeek-V3 (grouped, biased
+    sigmoid routing with a scaling factor), each with its own native keywords."""
+    logits, k, native = _recorded(folder)
     L_, S, B, E = logits.shape
-    k = 8
     _, preset = lynx.presets.for_shape(E, k)
     chosen = [preset, lynx.AffinityBinning(3.0, 2), lynx.AffinityBinning(1.0, None), lynx.Confidence(),
-              lynx.OEA(2), lynx.XShare(E // 4, 1), lynx.BatchTopN(E // 4), lynx.StaticK(4), lynx.SER(2, 0.3)]
-    renorm = folder == "lynx-ref-qwen3moe"    # Qwen3-MoE normalises its top-k, OLMoE does not
+              lynx.OEA(2), lynx.XShare(max(k, E // 4), 1), lynx.BatchTopN(max(k, E // 4)), lynx.StaticK(k // 2),
+              lynx.SER(2, 0.3)]
     decode = torch.arange(B) % 5 != 0
     for layer in range(L_):
         for step in range(S):
             for policy in chosen:
                 for mask in (None, decode):
                     assert_same(*both(router_logits=logits[layer, step], top_k=k, policy=policy,
-                                      renormalize=renorm, decode_mask=mask))
+                                      decode_mask=mask, **native[layer]))
 
 
 def test_forcing_the_reference():
