@@ -9,6 +9,10 @@ one forward pass, given the rows that vote (valid decode rows):
 - row policies (``StaticK``, ``SER``) return how many of its native top-k experts each row
   keeps; the remaining slots get weight 0 (see ``routing`` for which ids fill them).
 
+``PerLayer`` holds one policy per MoE layer (``lynx tune``'s per-layer result); the
+integrations ask every policy for its layer's policy with ``for_layer(i)`` (i: the MoE layer's
+position in the model), so a step only ever sees a plain policy.
+
 The maths is specified in ``docs/algorithms.md``. Policies round-trip through
 ``to_dict`` / ``policy_from_dict`` and through one-line specs for CLIs and environment
 variables: ``parse_policy("affinity_binning:alpha=3,beta=2")`` and ``str(policy)``.
@@ -27,7 +31,7 @@ import torch
 
 __all__ = [
     "Policy", "TopK", "AffinityBinning", "Confidence", "StaticK", "SER", "BatchTopN",
-    "OEA", "XShare", "POLICIES", "policy_from_dict", "parse_policy", "load_policy",
+    "OEA", "XShare", "PerLayer", "POLICIES", "policy_from_dict", "parse_policy", "load_policy",
 ]
 
 
@@ -93,6 +97,13 @@ class Policy:
 
     def check_top_k(self, top_k: int) -> None:
         """Raise ValueError if this policy cannot run on a layer with this top_k."""
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise ValueError if this policy cannot run on a model with this many MoE layers."""
+
+    def for_layer(self, index: int) -> Policy:
+        """The policy of the model's ``index``-th MoE layer (most policies: the same for all)."""
+        return self
 
     def keep(self, step: Step) -> torch.Tensor:  # set policies: keep[E] bool
         raise NotImplementedError
@@ -308,8 +319,45 @@ def _top_mass(step: Step, n: int, forced: torch.Tensor | None) -> torch.Tensor:
     return keep if forced is None else keep | forced
 
 
+@dataclasses.dataclass(frozen=True)
+class PerLayer(Policy):
+    """One policy per MoE layer, in layer order. Spec: ``per_layer(SPEC;SPEC;...)``; dict:
+    ``{"policy": "per_layer", "layers": [SPEC or dict, ...]}``."""
+
+    name: ClassVar[str] = "per_layer"
+    kind: ClassVar[str] = "per_layer"
+    layers: tuple[Policy, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        _check(len(self.layers) >= 1 and all(isinstance(p, Policy) and not isinstance(p, PerLayer)
+                                             for p in self.layers),
+               "layers", f"must be one or more (non per-layer) policies, got {self.layers!r}")
+
+    def check_top_k(self, top_k: int) -> None:
+        for i, p in enumerate(self.layers):
+            try:
+                p.check_top_k(top_k)
+            except ValueError as e:
+                raise ValueError(f"layers[{i}]: {e}") from None
+
+    def check_layers(self, num_layers: int) -> None:
+        _check(num_layers == len(self.layers), "layers",
+               f"this per-layer policy has {len(self.layers)} layers but the model has {num_layers} MoE layers")
+
+    def for_layer(self, index: int) -> Policy:
+        self.check_layers(max(index + 1, len(self.layers)))
+        return self.layers[index]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.name, "layers": [p.to_dict() for p in self.layers]}
+
+    def __str__(self) -> str:
+        return f"{self.name}({';'.join(str(p) for p in self.layers)})"
+
+
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (TopK, AffinityBinning, Confidence, StaticK, SER, BatchTopN, OEA, XShare)
+    cls.name: cls for cls in (TopK, AffinityBinning, Confidence, StaticK, SER, BatchTopN, OEA, XShare, PerLayer)
 }
 
 
@@ -326,6 +374,11 @@ def policy_from_dict(d: dict[str, Any]) -> Policy:
     unknown = sorted(set(d) - fields)
     if unknown:
         raise ValueError(f"{name}: unknown field(s) {unknown}; fields are {sorted(fields) or 'none'}")
+    if cls is PerLayer:
+        layers = d.get("layers")
+        if not isinstance(layers, (list, tuple)):
+            raise ValueError(f"per_layer: 'layers' must be a list of policies (specs or dicts), got {layers!r}")
+        d["layers"] = tuple(policy_from_dict(p) if isinstance(p, dict) else parse_policy(p) for p in layers)
     return cls(**d)
 
 
@@ -352,6 +405,11 @@ def parse_policy(spec: str) -> Policy:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty policy spec; expected e.g. 'affinity_binning:alpha=3,beta=2', got {spec!r}")
+    head, paren, inner = spec.strip().partition("(")
+    if paren:   # per_layer(SPEC;SPEC;...)
+        if head.strip() != PerLayer.name or not inner.endswith(")"):
+            raise ValueError(f"bad policy spec {spec!r}: only per_layer(SPEC;SPEC;...) takes parentheses")
+        return PerLayer(tuple(parse_policy(s) for s in inner[:-1].split(";")))
     name, _, rest = spec.strip().partition(":")
     fields: dict[str, Any] = {"policy": name.strip()}
     for item in filter(None, (s.strip() for s in rest.split(","))):

@@ -81,6 +81,8 @@ def _validate(logits, top_k, policy, renormalize, scoring, bias, n_group, topk_g
         raise ValueError(f"top_k must be an integer in [1, E={E}], got {top_k!r}")
     if not isinstance(policy, Policy):
         raise ValueError(f"policy must be a lynx_moe policy (e.g. lynx.AffinityBinning()), got {policy!r}")
+    if policy.kind == "per_layer":
+        raise ValueError(f"{policy} routes one layer at a time: pass policy.for_layer(i) for the i-th MoE layer")
     policy.check_top_k(top_k)
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")

@@ -429,3 +429,19 @@ def test_isolated_needs_one_flag_per_sequence():
     with pytest.raises(ValueError, match="no lynx_moe policy is applied"):
         with lynx.isolated(fresh("olmoe"), [True]):
             pass
+
+
+def test_a_per_layer_policy_routes_each_layer_with_its_own():
+    """``PerLayer``: layer 0 native, layer 1 cut, statistics per layer say so; a policy for
+    another number of layers is refused with the model untouched."""
+    model = models.tiny_model("olmoe", num_hidden_layers=2)
+    ids = torch.randint(3, 500, (16, 5), generator=torch.Generator().manual_seed(0))
+    lynx.apply_(model, lynx.parse_policy("per_layer(topk;batch_top_n:n=8)"))
+    with torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    first, second = lynx.routing_stats(model)
+    assert first.distinct_policy == first.distinct_native and first.changed_share == 0
+    assert second.distinct_policy <= 8 < second.distinct_native
+    with pytest.raises(ValueError, match="has 3 layers but the model has 2 MoE layers"):
+        lynx.apply_(model, lynx.parse_policy("per_layer(topk;topk;topk)"))
+    assert lynx.routing_stats(model)[1].distinct_policy == second.distinct_policy   # still applied as before

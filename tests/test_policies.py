@@ -11,7 +11,8 @@ import lynx_moe as lynx
 
 EVERY_POLICY = [lynx.TopK(), lynx.AffinityBinning(3.0, 2), lynx.AffinityBinning(1.0, None, protect_top1=True),
                 lynx.Confidence(1, 0.5), lynx.StaticK(4), lynx.SER(2, 0.3), lynx.BatchTopN(16),
-                lynx.OEA(2), lynx.XShare(16, 1)]
+                lynx.OEA(2), lynx.XShare(16, 1),
+                lynx.PerLayer((lynx.AffinityBinning(3.0, 4), lynx.TopK(), lynx.OEA(3)))]
 
 
 @pytest.mark.parametrize("policy", EVERY_POLICY, ids=str)
@@ -55,10 +56,31 @@ def test_bad_fields_name_the_field(make, field):
     ("oea:k0", "expected field=value"),
     ("oea:k0=two", "cannot read value"),
     ("static_k:k=0", "^k:"),
+    ("per_layer()", "cannot read|empty policy spec"),
+    ("per_layer(oea:k0=2;per_layer(topk))", "^layers: must be one or more \\(non per-layer\\)"),
+    ("oea(k0=2)", "only per_layer"),
+    ("per_layer(oea:k0=2;oea:k0=0)", "^k0:"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         lynx.parse_policy(spec)
+
+
+def test_per_layer_gives_each_layer_its_policy_and_checks_the_model():
+    p = lynx.parse_policy("per_layer(affinity_binning:alpha=3,beta=4;topk;oea:k0=3)")
+    assert [p.for_layer(i) for i in range(3)] == [lynx.AffinityBinning(3.0, 4), lynx.TopK(), lynx.OEA(3)]
+    assert lynx.OEA(2).for_layer(7) == lynx.OEA(2)                 # one policy: every layer's
+    p.check_layers(3)
+    with pytest.raises(ValueError, match="has 3 layers but the model has 4 MoE layers"):
+        p.check_layers(4)
+    with pytest.raises(ValueError, match=r"layers\[2\]: k0: OEA\(k0=3\) needs k0 <= top_k=2"):
+        p.check_top_k(2)
+    with pytest.raises(ValueError, match="routes one layer at a time"):
+        lynx.select_experts(torch.randn(4, 64), 8, p)
+    with pytest.raises(ValueError, match="'layers' must be a list"):
+        lynx.policy_from_dict({"policy": "per_layer", "layers": "oea"})
+    with pytest.raises(ValueError, match="^layers:"):
+        lynx.PerLayer(())
 
 
 def test_policy_from_dict_needs_name():

@@ -558,6 +558,23 @@ def test_the_plugin_refuses_a_policy_the_model_cannot_run_as_the_model_loads():
     assert state.layers == []
     assert state.add_layer(object(), "m", None) == 0                     # config without routed experts
     assert _State(Settings(default=PRESET), None).add_layer(object(), "m", (64, 8)) == 0
+    per_layer = lynx.parse_policy("per_layer(oea:k0=2;topk)")
+    with pytest.raises(ValueError, match="has 2 layers but the model has 4 MoE layers"):
+        _State(Settings(default=per_layer), None).add_layer(object(), "m", (64, 8), 4)
+
+
+def test_a_per_layer_policy_gives_each_vllm_layer_its_own():
+    """Layers register in model order; each resolves to its position's policy, per model."""
+    from lynx_moe.integrations.vllm import Settings, _State
+    per_layer = lynx.parse_policy("per_layer(oea:k0=2;topk)")
+    state = _State(Settings(default=per_layer, models=(("other", lynx.OEA(4)),)), None)
+    routers = [object() for _ in range(5)]
+    for r, model in zip(routers, ["m", "other", "m", "other", "other"]):
+        state.add_layer(r, model, None, None)
+    for layer in state.layers:   # what _describe would read from vLLM's router
+        layer.num_experts, layer.top_k, layer.described = 64, 8, True
+    state.resolve_all()
+    assert [str(L.policy) for L in state.layers] == ["oea:k0=2", "oea:k0=4", "topk", "oea:k0=4", "oea:k0=4"]
 
 
 def test_lynx_bench_engine_vllm_gives_the_json_line_of_lynx_bench(model_dir):

@@ -22,8 +22,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print("policies (spec: name:field=value,...):")
     for name, cls in POLICIES.items():
+        if cls.kind == "per_layer":
+            continue
         fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
         print(f"  {name:18s} {fields or '(no fields)'}")
+    print("  one policy per MoE layer: per_layer(SPEC;SPEC;...)")
     print("authors' AffinityBinning presets (experts x top-k):")
     for name, p in PRESETS.items():
         print(f"  {name:26s} {p.num_experts:>3d} x {p.top_k}  {p.policy}")

@@ -104,7 +104,7 @@ def _model(rest: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..integrations.hf import config_moe_shape
+    from ..integrations.hf import config_moe_layers, config_moe_shape
     from ..integrations.vllm import check_spec, load_settings, parse_spec
     rest = list(getattr(args, "vllm_args", []))
     env = _settings_env(args)
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     # What the plugin will read in vLLM's processes, checked now (one line, no traceback):
     settings = load_settings({**os.environ, **env})
     model = _model(rest)
-    check_spec(settings.spec_for(model), config_moe_shape(model))
+    check_spec(settings.spec_for(model), config_moe_shape(model), config_moe_layers(model))
     try:
         import vllm  # noqa: F401  (fail here with the extra's name, not in the child)
     except ImportError:

@@ -50,7 +50,7 @@ from ..costmodel import CostModel
 from ..policies import Policy
 from ..routing import distinct_experts, route
 
-__all__ = ["SUPPORTED", "MoeLayer", "moe_layers", "moe_shape", "config_moe_shape", "LayerStats", "apply_", "remove_",
+__all__ = ["SUPPORTED", "MoeLayer", "moe_layers", "moe_shape", "config_moe_shape", "config_moe_layers", "LayerStats", "apply_", "remove_",
            "applied", "isolated", "routing_stats", "reset_stats"]
 
 _STATE = "_lynx_moe"  # attribute of the patched model (its _State) and of each patched router (its _Layer)
@@ -113,6 +113,7 @@ class _Layer:
     router: nn.Module
     native: Callable[[nn.Module], dict[str, Any]]
     state: _State
+    policy: Policy                   # this layer's: ``state.policy.for_layer(i)``
     # steps with votes, voting rows, distinct native, distinct policy, changed slots
     counts: torch.Tensor | None = None
 
@@ -189,7 +190,7 @@ def _model_post_hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> 
 def _router_hook(module: nn.Module, args: tuple, out: Any) -> Any:
     layer: _Layer = getattr(module, _STATE)
     state, vote = layer.state, layer.state.vote
-    if vote is None or (not state.stats and state.policy.kind == "native"):
+    if vote is None or (not state.stats and layer.policy.kind == "native"):
         return None
     logits, own_w, own_ids = out                                         # [T, E], [T, K], [T, K]
     if logits.dim() != 2 or logits.shape[0] != vote.shape[0]:
@@ -197,8 +198,8 @@ def _router_hook(module: nn.Module, args: tuple, out: Any) -> Any:
     vote = vote.to(logits.device, non_blocking=True)  # a no-op unless layers sit on other devices
     ids = own_ids
     result = None
-    if state.policy.kind != "native":
-        r = route(logits, own_ids.shape[1], state.policy, decode_mask=vote, **layer.native(module))
+    if layer.policy.kind != "native":
+        r = route(logits, own_ids.shape[1], layer.policy, decode_mask=vote, **layer.native(module))
         new_ids = r.ids.to(own_ids.dtype)
         moved = vote & (new_ids.sort(dim=-1).values != own_ids.sort(dim=-1).values).any(dim=-1)
         if state.gate is not None:   # every row of the call computes: rows = T
@@ -259,6 +260,25 @@ def config_moe_shape(model: str | dict) -> tuple[int, int] | None:
     return (E, K) if isinstance(E, int) and isinstance(K, int) else None
 
 
+def config_moe_layers(model: str | dict) -> int | None:
+    """Number of MoE layers from a model config (dict or folder), None when unknown: every
+    decoder layer, less DeepSeek's leading dense ones (``first_k_dense_replace``,
+    ``moe_layer_freq``) and Qwen-MoE's dense ones (``mlp_only_layers``, ``decoder_sparse_step``)."""
+    cfg = model
+    if not isinstance(cfg, dict):
+        try:
+            cfg = json.loads((Path(model).expanduser() / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    cfg = cfg.get("text_config") or cfg
+    n = cfg.get("num_hidden_layers")
+    if not isinstance(n, int) or config_moe_shape(cfg) is None:
+        return None
+    first, freq = cfg.get("first_k_dense_replace") or 0, cfg.get("moe_layer_freq") or 1
+    dense, step = set(cfg.get("mlp_only_layers") or []), cfg.get("decoder_sparse_step") or 1
+    return sum(1 for i in range(n) if i >= first and i % freq == 0 and i not in dense and (i + 1) % step == 0)
+
+
 def moe_shape(model: nn.Module) -> tuple[int, int]:
     """``(experts, top-k)`` of the model's MoE layers (read from its routers, so it works for
     every supported architecture whatever its config calls them); ValueError if it has none."""
@@ -292,8 +312,9 @@ def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
     if not routers:
         raise ValueError(_unsupported(model))
     mine = getattr(model, _STATE, None)
-    for name, router in routers:
-        policy.check_top_k(int(router.top_k))
+    policy.check_layers(len(routers))
+    for i, (name, router) in enumerate(routers):
+        policy.for_layer(i).check_top_k(int(router.top_k))
         owner = getattr(router, _STATE, None)
         if owner is not None and owner.state is not mine:
             raise ValueError(f"{name} is already patched through another module (an outer or inner "
@@ -306,8 +327,8 @@ def apply_(model: nn.Module, policy: Policy, *, stats: bool = True,
     setattr(model, _STATE, state)
     state.handles.append(model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True))
     state.handles.append(model.register_forward_hook(_model_post_hook, with_kwargs=True, always_call=True))
-    for name, router in routers:
-        layer = _Layer(name, router, _handler(router), state)
+    for i, (name, router) in enumerate(routers):
+        layer = _Layer(name, router, _handler(router), state, policy.for_layer(i))
         state.layers.append(layer)
         setattr(router, _STATE, layer)
         state.handles.append(router.register_forward_hook(_router_hook))

@@ -64,7 +64,7 @@ from ..costmodel import CostModel, load_cost_model
 from ..policies import Policy, TopK, parse_policy, policy_from_dict
 from ..presets import for_shape
 from ..routing import distinct_experts, route
-from .hf import config_moe_shape
+from .hf import config_moe_layers, config_moe_shape
 
 __all__ = ["PRESET", "REQUEST_KEY", "SUPPORTED_VLLM", "Settings", "check_request", "check_spec", "load_settings",
            "parse_spec", "register", "reroute", "set_policy", "stats", "step_rows"]
@@ -165,11 +165,15 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings | None:
     return Settings(default, tuple(models), every, requests_default, gate)
 
 
-def check_spec(spec: Spec | None, shape: tuple[int, int] | None) -> None:
+def check_spec(spec: Spec | None, shape: tuple[int, int] | None, layers: int | None = None) -> None:
     """ValueError (the message ``apply_`` gives) when a policy cannot run on a model of this
-    ``(experts, top-k)``; a no-op for ``preset`` (chosen per layer) or an unknown shape."""
-    if isinstance(spec, Policy) and shape is not None:
-        spec.check_top_k(shape[1])
+    ``(experts, top-k)`` and number of MoE layers; a no-op for ``preset`` (chosen per layer) or
+    an unknown shape."""
+    if isinstance(spec, Policy):
+        if layers is not None:
+            spec.check_layers(layers)
+        if shape is not None:
+            spec.check_top_k(shape[1])
 
 
 def check_request(extra_args: dict[str, Any] | None) -> None:
@@ -348,11 +352,12 @@ class _State:
         else:
             self.rows = _Rows(size, device)
 
-    def add_layer(self, router: Any, model: str | None, shape: tuple[int, int] | None = None) -> int:
+    def add_layer(self, router: Any, model: str | None, shape: tuple[int, int] | None = None,
+                  num_layers: int | None = None) -> int:
         """Register a router as vLLM builds the model; the first one of a model checks the
         configured policy against the model's top-k (ValueError: the model does not load)."""
         if not any(L.model == model for L in self.layers):
-            check_spec(self.settings.spec_for(model), shape)
+            check_spec(self.settings.spec_for(model), shape, num_layers)
         with torch.inference_mode(False):
             sums = torch.zeros(4, dtype=torch.long, device=self.device or "cpu")
         self.layers.append(_Layer(len(self.layers), model, router, sums))
@@ -370,9 +375,12 @@ class _State:
         else:
             policy = spec  # type: ignore[assignment]
         try:
+            same = [L for L in self.layers if L.model == layer.model]
+            policy.check_layers(len(same))
+            policy = policy.for_layer(same.index(layer))
             policy.check_top_k(layer.top_k)
         except ValueError as e:   # checked at load and in set_policy; a per-model glob can still miss
-            self.warn_once(f"{policy} cannot run on a top-{layer.top_k} layer ({e})")
+            self.warn_once(f"{policy} cannot run on a top-{layer.top_k} layer of {len(same)} MoE layers ({e})")
             policy = TopK()
         layer.policy = policy
         return policy
@@ -485,11 +493,14 @@ class _State:
     def set_policy(self, spec: str | dict | None) -> str:
         new = None if spec is None else parse_spec(spec, "set_policy")
         if isinstance(new, Policy):
-            for layer in self.layers:   # refuse here rather than fail inside a forward pass
-                if not layer.described:
-                    _describe(layer)
-                if not layer.unsupported:
-                    new.check_top_k(layer.top_k)
+            for model in {L.model for L in self.layers}:   # refuse here rather than fail inside a forward pass
+                same = [L for L in self.layers if L.model == model]
+                new.check_layers(len(same))
+                for i, layer in enumerate(same):
+                    if not layer.described:
+                        _describe(layer)
+                    if not layer.unsupported:
+                        new.for_layer(i).check_top_k(layer.top_k)
         self.override = new
         for layer in self.layers:
             self.resolve(layer)
@@ -525,14 +536,14 @@ def _check_version() -> None:
             "to run vLLM without lynx-moe.")
 
 
-def _current_model() -> tuple[str | None, tuple[int, int] | None]:
-    """The model being built (name or path) and its ``(experts, top-k)`` from its config."""
+def _current_model() -> tuple[str | None, tuple[int, int] | None, int | None]:
+    """The model being built (name or path), its ``(experts, top-k)`` and MoE layers from its config."""
     from vllm.config import get_current_vllm_config_or_none
     cfg = get_current_vllm_config_or_none()
     model_config = getattr(cfg, "model_config", None)
     hf_config = getattr(model_config, "hf_config", None)
-    shape = config_moe_shape(hf_config.to_dict()) if hasattr(hf_config, "to_dict") else None
-    return getattr(model_config, "model", None), shape
+    d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else {}
+    return getattr(model_config, "model", None), config_moe_shape(d), config_moe_layers(d)
 
 
 def _gathered(vllm_config: Any) -> str | None:
@@ -670,5 +681,6 @@ def set_policy(llm: Any, spec: str | dict | Policy | None) -> list[str]:
         raise ValueError("set_policy needs an engine started with enforce_eager=True: compiled and captured "
                          f"graphs keep the policy they were traced with; set {_ENV_POLICY} before starting instead")
     if spec is not None:
-        check_spec(parse_spec(spec, "set_policy"), config_moe_shape(model_config.hf_config.to_dict()))
+        hf_config = model_config.hf_config.to_dict()
+        check_spec(parse_spec(spec, "set_policy"), config_moe_shape(hf_config), config_moe_layers(hf_config))
     return llm.collective_rpc("lynx_set_policy", args=(spec,))

@@ -91,6 +91,9 @@ class LynxHFLM(HFLM):
         shape = hf.config_moe_shape(pretrained) if isinstance(pretrained, str) else None
         if shape is not None:
             self.policy.check_top_k(shape[1])
+            layers = hf.config_moe_layers(pretrained)
+            if layers is not None:
+                self.policy.check_layers(layers)
         self.decode_scoring = str(decode_scoring).strip().lower() in ("1", "true", "yes")
         super().__init__(pretrained=pretrained, **kwargs)
         hf.apply_(self.model, self.policy, stats=True)
