@@ -7,11 +7,17 @@ one forward pass, given the rows that vote (valid decode rows):
   return ``keep[E]``, the experts this step may use; ``routing.route`` then sends every
   voting row to its best experts inside that set;
 - row policies (``StaticK``, ``SER``) return how many of its native top-k experts each row
-  keeps; the remaining slots get weight 0 (see ``routing`` for which ids fill them).
+  keeps; the remaining slots get weight 0 (see ``routing`` for which ids fill them);
+- substitute policies (``SERE``) return each (row, slot)'s expert: its native one or a
+  stand-in; the slot's native weight moves with it (see ``routing``).
 
 ``PerLayer`` holds one policy per MoE layer (``lynx tune``'s per-layer result); the
 integrations ask every policy for its layer's policy with ``for_layer(i)`` (i: the MoE layer's
 position in the model), so a step only ever sees a plain policy.
+
+``SERE`` also needs model data: one ``[E, E]`` expert similarity matrix per layer, read from a
+file (``lynx similarity MODEL`` writes it) by ``for_layer(i)``, which returns a copy bound to
+layer i's matrix; ``route`` only ever sees that copy.
 
 The maths is specified in ``docs/algorithms.md``. Policies round-trip through
 ``to_dict`` / ``policy_from_dict`` and through one-line specs for CLIs and environment
@@ -31,7 +37,8 @@ import torch
 
 __all__ = [
     "Policy", "TopK", "AffinityBinning", "Confidence", "StaticK", "SER", "BatchTopN",
-    "OEA", "XShare", "PerLayer", "POLICIES", "policy_from_dict", "parse_policy", "load_policy",
+    "OEA", "XShare", "SERE", "PerLayer", "POLICIES", "policy_from_dict", "parse_policy", "load_policy",
+    "read_similarity", "SIMILARITY_KEY",
 ]
 
 
@@ -84,7 +91,8 @@ class Policy:
     """Base class. Subclasses set ``name`` and ``kind`` and implement one decision method."""
 
     name: ClassVar[str] = ""
-    kind: ClassVar[str] = ""  # "native", "set" or "row"
+    kind: ClassVar[str] = ""  # "native", "set", "row" or "substitute"
+    text_fields: ClassVar[tuple[str, ...]] = ()  # fields a spec gives as text (paths), not numbers
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.name, **dataclasses.asdict(self)}
@@ -109,6 +117,9 @@ class Policy:
         raise NotImplementedError
 
     def counts(self, step: Step) -> torch.Tensor:  # row policies: [T] int64 in [1, K]
+        raise NotImplementedError
+
+    def substitute(self, step: Step) -> torch.Tensor:  # substitute policies: [T, K] int64 ids
         raise NotImplementedError
 
 
@@ -319,6 +330,109 @@ def _top_mass(step: Step, n: int, forced: torch.Tensor | None) -> torch.Tensor:
     return keep if forced is None else keep | forced
 
 
+SIMILARITY_KEY = "similarity"   # the [L, E, E] tensor of a ``lynx similarity`` file (safetensors)
+
+
+def _open_similarity(path: str | Path, read):
+    """``read(slice, shape)`` on the checked ``[L, E, E]`` tensor of a similarity file."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError as e:
+        raise ImportError("reading a SERE similarity file needs safetensors: pip install 'lynx-moe[hf]'") from e
+    how = "compute one with `lynx similarity MODEL` (or --out FILE)"
+    if not Path(path).is_file():
+        raise ValueError(f"SERE similarity file {str(path)!r} not found: {how}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if SIMILARITY_KEY not in f.keys():
+                raise ValueError(f"{path}: no {SIMILARITY_KEY!r} tensor in it ({how})")
+            part = f.get_slice(SIMILARITY_KEY)
+            shape = tuple(part.get_shape())
+            if len(shape) != 3 or shape[1] != shape[2] or 0 in shape:
+                raise ValueError(f"{path}: {SIMILARITY_KEY!r} must be [layers, experts, experts], got {list(shape)}")
+            return read(part, shape)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def read_similarity(path: str | Path, index: int | None = None) -> torch.Tensor:
+    """Expert similarities from a ``lynx similarity`` file: ``[L, E, E]`` float32, or layer
+    ``index``'s ``[E, E]`` (only that slice is read). ValueError names the file."""
+    def read(part, shape):
+        if index is not None and not 0 <= index < shape[0]:
+            raise ValueError(f"{path}: has {shape[0]} layers, no MoE layer {index}")
+        return (part[:] if index is None else part[index]).float()
+    return _open_similarity(path, read)
+
+
+@dataclasses.dataclass(frozen=True)
+class SERE(Policy):
+    """SERE (arXiv 2602.07616): the union of every voting row's top ``top_s`` experts are the
+    primaries; each other expert a voting row chose is replaced by its most similar primary
+    (inside the row's groups) when their similarity is at least ``rho``, else kept. The slot
+    keeps its native weight; slots that land on one expert merge (their weights add up).
+
+    ``similarity``: a ``lynx similarity`` file (``[L, E, E]``, one matrix per MoE layer);
+    ``for_layer(i)`` returns a copy bound to layer i's matrix, ``bound(matrix)`` one bound to
+    a given ``[E, E]`` tensor. Routing with an unbound SERE raises ValueError."""
+
+    name: ClassVar[str] = "sere"
+    kind: ClassVar[str] = "substitute"
+    text_fields: ClassVar[tuple[str, ...]] = ("similarity",)
+    top_s: int = 2
+    rho: float = 0.5
+    similarity: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.top_s) and self.top_s >= 1, "top_s", f"must be an integer >= 1, got {self.top_s!r}")
+        _check(_is_num(self.rho) and -1 <= self.rho <= 1, "rho",
+               f"must be a number in [-1, 1] (a cosine similarity), got {self.rho!r}")
+        _check(self.similarity is None or (isinstance(self.similarity, str) and self.similarity.strip() != ""),
+               "similarity", f"must be a file path or None, got {self.similarity!r}")
+
+    def check_top_k(self, top_k: int) -> None:
+        _check(self.top_s <= top_k, "top_s", f"SERE(top_s={self.top_s}) needs top_s <= top_k={top_k}")
+
+    def check_layers(self, num_layers: int) -> None:
+        if self.similarity is not None:
+            layers = _open_similarity(self.similarity, lambda part, shape: shape[0])
+            _check(layers == num_layers, "similarity",
+                   f"{self.similarity} has {layers} layers but the model has {num_layers} MoE layers")
+
+    def for_layer(self, index: int) -> Policy:
+        if self.similarity is None:
+            return self
+        return self.bound(read_similarity(self.similarity, index))
+
+    def bound(self, matrix: torch.Tensor) -> SERE:
+        """A copy that routes with ``matrix`` (``[E, E]``, ``matrix[e, p]``: how well primary p
+        stands in for expert e, finite, in [-1, 1]). Not part of the config (``to_dict``, ``==``)."""
+        ok = (isinstance(matrix, torch.Tensor) and matrix.is_floating_point() and matrix.dim() == 2
+              and matrix.shape[0] == matrix.shape[1])
+        _check(ok, "similarity", "a bound matrix must be a float tensor [E, E]")
+        _check(bool(((matrix >= -1) & (matrix <= 1)).all()), "similarity",
+               "matrix values must be finite and in [-1, 1]")
+        out = dataclasses.replace(self)
+        object.__setattr__(out, "_matrix", matrix.detach().float())
+        return out
+
+    def substitute(self, step: Step) -> torch.Tensor:
+        matrix = getattr(self, "_matrix", None)
+        if matrix is None:
+            raise ValueError(f"{self} has no similarity matrix: give similarity=FILE (`lynx similarity MODEL` "
+                             "writes MODEL/sere_similarity.safetensors) and route policy.for_layer(i), "
+                             "or use policy.bound(matrix)")
+        T, E = step.logits.shape
+        _check(matrix.shape == (E, E), "similarity", f"the matrix is {list(matrix.shape)} but the layer has E={E} experts")
+        ids = step.native_ids                                                  # [T, K]
+        primary = _expand(step, _rows_first(step, _full(step, self.top_s)))    # [E]
+        allowed = primary[None, :] & torch.isfinite(step.logits)               # [T, E]: inside the row's groups
+        sim = matrix.to(ids.device)[ids]                                       # [T, K, E]: sim[e, p]
+        best, best_p = sim.masked_fill(~allowed[:, None, :], -torch.inf).max(dim=-1)   # ties: lower index
+        swap = ~primary[ids] & (best >= self.rho)
+        return torch.where(swap, best_p, ids)
+
+
 @dataclasses.dataclass(frozen=True)
 class PerLayer(Policy):
     """One policy per MoE layer, in layer order. Spec: ``per_layer(SPEC;SPEC;...)``; dict:
@@ -347,7 +461,7 @@ class PerLayer(Policy):
 
     def for_layer(self, index: int) -> Policy:
         self.check_layers(max(index + 1, len(self.layers)))
-        return self.layers[index]
+        return self.layers[index].for_layer(index)
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.name, "layers": [p.to_dict() for p in self.layers]}
@@ -357,7 +471,8 @@ class PerLayer(Policy):
 
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (TopK, AffinityBinning, Confidence, StaticK, SER, BatchTopN, OEA, XShare, PerLayer)
+    cls.name: cls for cls in (TopK, AffinityBinning, Confidence, StaticK, SER, BatchTopN, OEA, XShare, SERE,
+                              PerLayer)
 }
 
 
@@ -399,7 +514,8 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_policy(spec: str) -> Policy:
-    """Read a one-line spec: ``"name"`` or ``"name:field=value,field=value"``.
+    """Read a one-line spec: ``"name"`` or ``"name:field=value,field=value"``. Values are
+    numbers, true/false or none, except text fields such as SERE's ``similarity`` (a path).
 
     ``parse_policy("affinity_binning:alpha=3,beta=2")``; ``parse_policy(str(p)) == p``.
     """
@@ -412,11 +528,15 @@ def parse_policy(spec: str) -> Policy:
         return PerLayer(tuple(parse_policy(s) for s in inner[:-1].split(";")))
     name, _, rest = spec.strip().partition(":")
     fields: dict[str, Any] = {"policy": name.strip()}
+    text = getattr(POLICIES.get(name.strip()), "text_fields", ())
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"bad policy spec {spec!r}: expected field=value, got {item!r}")
-        fields[key.strip()] = _parse_value(value)
+        key = key.strip()
+        # Text fields (file paths) are taken as written: no ',' in them, 'none' for None.
+        is_text = key in text and value.strip().lower() not in ("none", "null")
+        fields[key] = value.strip() if is_text else _parse_value(value)
     policy = policy_from_dict(fields)
     # Floats given as integers ("alpha=3") are fine; the dataclass keeps them as typed.
     return policy

@@ -25,10 +25,14 @@ a step never touches an expert that native routing would not have touched, as lo
 whose picks can include a row's top-bin expert that no row chose: docs/algorithms.md). A row policy
 (StaticK, SER) keeps a prefix of each row's native experts; the other slots get weight 0 and
 ids of experts the batch already uses (then the row's next native ones), never a duplicate.
+A substitute policy (SERE) names each slot's expert, a native one or a stand-in inside the
+row's groups; each slot's native weight moves with it, slots that name one expert merge into
+one (weights added), and each freed slot becomes such a weight-0 filler.
 
 Weights keep the native semantics: with ``renormalize`` they sum to 1; otherwise they are
 rescaled to the row's original native top-k mass (the paper's rule). They are recomputed
-for every voting row, so an unchanged row may differ from native in the last bit.
+for every voting row, so an unchanged row may differ from native in the last bit (moved
+native weights keep both rules by construction).
 
 Non-finite logits: NaN and -inf count as the lowest float32 value, +inf as the highest, so
 ids stay in ``[0, E)``, without duplicates, and weights stay finite. No host sync and no Python
@@ -241,6 +245,13 @@ def route(
         # go to what the row had), other kept experts, then native ones for rows that keep
         # holds fewer than top_k of.
         tier = keep.double() * 2 + native_set
+    elif policy.kind == "substitute":
+        sub = policy.substitute(step)                                              # [T, K]
+        own = torch.zeros_like(native_set).scatter(1, sub, True)
+        used = (own if everyone else own & vote[:, None]).any(dim=0, keepdim=True)
+        # The row's experts first (a slot that now shares one leaves a filler: weight 0, an
+        # expert the batch already runs, then the row's next native one).
+        tier = own.double() * 4 + used * 2 + native_set
     else:
         counts = policy.counts(step)                                               # [T]
         own = torch.zeros_like(native_set).scatter(
@@ -251,8 +262,11 @@ def route(
     if num_expert_group is not None:
         tier = tier * torch.isfinite(sel)   # never leave the row's native groups
     ids = _tiered_topk(sel, tier, top_k)
-    real = own.gather(1, ids) if policy.kind == "row" else None   # False: a weight-0 filler
-    w = _weights(x, ids, real, renormalize, scoring, mass, scale)
+    if policy.kind == "substitute":   # each slot's native weight goes to its expert, summed
+        w = ((ids[:, :, None] == sub[:, None, :]) * nat_w[:, None, :]).sum(dim=-1)
+    else:
+        real = own.gather(1, ids) if policy.kind == "row" else None   # False: a weight-0 filler
+        w = _weights(x, ids, real, renormalize, scoring, mass, scale)
     if not everyone:
         ids = torch.where(vote[:, None], ids, nat_ids)
         w = torch.where(vote[:, None], w, nat_w)

@@ -35,9 +35,20 @@ def cases(draw, scorings=("softmax", "softmax_topk", "sigmoid")):
                 decode_mask=decode, valid_mask=valid)
 
 
+def similarity(E: int, seed: int, ties: bool = False) -> torch.Tensor:
+    """A random symmetric [E, E] expert similarity in [-1, 1] with a unit diagonal; ``ties``
+    rounds it to one decimal so that many primaries are equally similar."""
+    a = torch.rand(E, E, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    m = ((a + a.T) / 2).fill_diagonal_(1.0)
+    return torch.round(m, decimals=1) if ties else m
+
+
 @st.composite
-def policies(draw, top_k: int):
-    name = draw(st.sampled_from(["topk", "static_k", "ser", *SET_POLICIES]))
+def policies(draw, top_k: int, experts: int):
+    name = draw(st.sampled_from(["topk", "static_k", "ser", "sere", *SET_POLICIES]))
+    if name == "sere":
+        sim = similarity(experts, draw(st.integers(0, 999)), ties=draw(st.booleans()))
+        return lynx.SERE(draw(st.integers(1, top_k)), draw(st.sampled_from([-1.0, 0.0, 0.3, 0.7, 1.0]))).bound(sim)
     if name == "affinity_binning":
         return lynx.AffinityBinning(alpha=draw(st.sampled_from([0.5, 1.0, 3.0, 8.0])),
                                     beta=draw(st.sampled_from([None, 1, 2, 4])),
@@ -77,7 +88,7 @@ FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 @given(st.data())
 def test_output_invariants(data):
     case = data.draw(cases())
-    policy = data.draw(policies(case["top_k"]))
+    policy = data.draw(policies(case["top_k"], case["router_logits"].shape[1]))
     T, E = case["router_logits"].shape
     k = case["top_k"]
     r = lynx.route(policy=policy, **case)
@@ -106,6 +117,16 @@ def test_output_invariants(data):
         v = r.vote
         top = nids[v, : policy.k0]
         assert (ids[v][:, :, None] == top[:, None, :]).any(dim=1).all(), "lost a protected top-k0 expert"
+    if isinstance(policy, lynx.SERE):
+        # Each voting row keeps its top-s (primaries); every expert it uses with weight is its
+        # own native one or some voting row's primary; moved weights keep the row's native sum.
+        v = r.vote
+        primary = torch.zeros(E, dtype=torch.bool).scatter(0, nids[v, : policy.top_s].flatten(), True)
+        top = nids[v, : policy.top_s]
+        assert (ids[v][:, :, None] == top[:, None, :]).any(dim=1).all(), "lost a primary"
+        native_row = (ids[:, :, None] == nids[:, None, :]).any(dim=-1)
+        assert (native_row | primary[ids] | (w == 0))[v].all(), "a weighted expert that is neither native nor primary"
+        torch.testing.assert_close(w.sum(-1), nw.sum(-1), atol=1e-5, rtol=1e-5)
     if isinstance(policy, lynx.XShare):
         forced = lynx.distinct_experts(nids[:, : policy.k0], r.vote, E)
         used = lynx.distinct_experts(ids, r.vote, E)
@@ -116,7 +137,7 @@ def test_output_invariants(data):
 @given(st.data())
 def test_permuting_rows_permutes_outputs(data):
     case = data.draw(cases())
-    policy = data.draw(policies(case["top_k"]))
+    policy = data.draw(policies(case["top_k"], case["router_logits"].shape[1]))
     T = case["router_logits"].shape[0]
     perm = torch.randperm(T, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 999))))
     w, ids = lynx.select_experts(policy=policy, **case)
@@ -225,7 +246,8 @@ def test_non_finite_logits():
     L[2, :8] = float("-inf")
     L[3, 5] = float("nan")
     for scoring in ("softmax", "softmax_topk", "sigmoid"):
-        for policy in (lynx.TopK(), lynx.AffinityBinning(), lynx.OEA(1), lynx.SER(1, 0.5)):
+        for policy in (lynx.TopK(), lynx.AffinityBinning(), lynx.OEA(1), lynx.SER(1, 0.5),
+                       lynx.SERE(1, 0.0).bound(similarity(16, 0))):
             w, ids = lynx.select_experts(L, 4, policy, scoring=scoring)
             assert torch.isfinite(w).all() and ((ids >= 0) & (ids < 16)).all()
             assert (torch.sort(ids, -1).values.diff(dim=-1) != 0).all()
@@ -239,7 +261,7 @@ def test_an_engines_native_result_is_reused_not_recomputed(data):
     """``native=(weights, ids)`` stands in for the second top-k: fed the native result of the
     same logits, every decision is unchanged; non-voting rows get the given tensors."""
     case = data.draw(cases())
-    policy = data.draw(policies(case["top_k"]))
+    policy = data.draw(policies(case["top_k"], case["router_logits"].shape[1]))
     plain = lynx.route(policy=policy, **case)
     given = lynx.route(policy=lynx.TopK(), **case)
     r = lynx.route(policy=policy, native=(given.weights, given.ids), **case)
@@ -273,12 +295,59 @@ def test_grouped_sigmoid_routing_matches_deepseek_v3_reference():
     assert torch.equal(torch.sort(ids, -1).values, torch.sort(ref_ids, -1).values)
     torch.testing.assert_close(w, ref_w)
     # Policies stay inside each row's chosen groups and never exceed native.
-    for policy in (lynx.AffinityBinning(1.0, 2), lynx.OEA(1), lynx.XShare(4, 1)):
+    for policy in (lynx.AffinityBinning(1.0, 2), lynx.OEA(1), lynx.XShare(4, 1),
+                   lynx.SERE(1, -1.0).bound(similarity(E, 1))):
         pw, pids = lynx.select_experts(L, k, policy, renormalize=True, scoring="sigmoid", **kw)
         assert lynx.distinct_experts(pids) <= lynx.distinct_experts(ids)
+        assert gmask.gather(1, pids).bool().all(), f"{policy} left a row's groups"
         assert torch.isfinite(pw).all() and (pw >= 0).all()
         r = lynx.route(L, k, policy, renormalize=True, scoring="sigmoid", native=(w, ids), **kw)
         assert torch.equal(r.ids, pids) and torch.equal(r.weights, pw)
+
+
+def test_sere_worked_example():
+    """Three rows, top-2 of 6 experts, top_s=1: the primaries are the rows' top-1s {0, 3, 5}.
+    Row 0's secondary 1 is most similar to primary 3 (0.9 >= rho) and moves there with its
+    weight; row 1's secondary 4 is only 0.2 similar to every primary (a critical expert) and
+    stays; row 2's secondary 0 is a primary itself and stays."""
+    sim = torch.full((6, 6), 0.2).fill_diagonal_(1.0)
+    sim[1, 3] = sim[3, 1] = 0.9
+    L = torch.tensor([[4.0, 3.0, -9, -9, -9, -9],
+                      [-9, -9, -9, 4.0, 3.0, -9],
+                      [3.0, -9, -9, -9, -9, 4.0]])
+    r = lynx.route(L, 2, lynx.SERE(top_s=1, rho=0.5).bound(sim))
+    nat = lynx.route(L, 2, lynx.TopK())
+    assert r.native_ids.tolist() == [[0, 1], [3, 4], [5, 0]]
+    assert r.ids.tolist() == [[0, 3], [3, 4], [5, 0]]
+    assert torch.equal(r.weights, nat.weights)       # each slot keeps its native weight
+    assert lynx.distinct_experts(r.ids) == 4 and lynx.distinct_experts(nat.ids) == 5
+    # rho above every similarity: native routing.
+    assert torch.equal(lynx.route(L, 2, lynx.SERE(top_s=1, rho=0.95).bound(sim)).ids, nat.ids)
+
+
+def test_sere_merges_slots_that_land_on_one_expert():
+    """Row 0's secondaries 1 and 2 both stand in for its primary 0: that slot carries the
+    three weights, the two freed slots become weight-0 fillers among the experts the batch
+    already runs (3, 4: the lower indices of row 1's), so no id repeats within a row."""
+    sim = torch.full((6, 6), 0.1).fill_diagonal_(1.0)
+    sim[1, 0] = sim[2, 0] = 0.9
+    L = torch.tensor([[4.0, 3.0, 2.0, -9, -9, -9],
+                      [-9, -9, -9, 4.0, 3.0, 2.0]])
+    r = lynx.route(L, 3, lynx.SERE(top_s=1, rho=0.5).bound(sim))
+    assert r.ids.tolist() == [[0, 3, 4], [3, 4, 5]]
+    torch.testing.assert_close(r.weights[0], torch.tensor([1.0, 0.0, 0.0]))
+    assert lynx.distinct_experts(r.ids) == 4
+
+
+def test_sere_needs_a_matrix_of_the_layers_size():
+    with pytest.raises(ValueError, match="no similarity matrix.*lynx similarity MODEL"):
+        lynx.select_experts(torch.randn(4, 8), 2, lynx.SERE())
+    with pytest.raises(ValueError, match=r"the matrix is \[6, 6\] but the layer has E=8"):
+        lynx.select_experts(torch.randn(4, 8), 2, lynx.SERE().bound(similarity(6, 0)))
+    with pytest.raises(ValueError, match="finite and in"):
+        lynx.SERE().bound(torch.full((8, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"float tensor \[E, E\]"):
+        lynx.SERE().bound(torch.ones(8, 6))
 
 
 def test_distinct_and_changed():
@@ -291,7 +360,8 @@ def test_distinct_and_changed():
 
 @pytest.mark.parametrize("policy", [lynx.TopK(), lynx.AffinityBinning(3.0, 2), lynx.Confidence(),
                                     lynx.StaticK(2), lynx.SER(2, 0.5), lynx.BatchTopN(8),
-                                    lynx.OEA(2), lynx.XShare(8, 1)], ids=str)
+                                    lynx.OEA(2), lynx.XShare(8, 1), lynx.SERE(2, 0.2).bound(similarity(64, 0))],
+                         ids=str)
 def test_compiles_fullgraph_without_host_sync(policy):
     """fullgraph=True fails on any graph break: .item(), data-sized nonzero(), Python loops
     over data. The eager backend checks tracing without paying for C++ code generation."""
