@@ -11,7 +11,8 @@ import lynx_moe as lynx
 
 EVERY_POLICY = [lynx.TopK(), lynx.AffinityBinning(3.0, 2), lynx.AffinityBinning(1.0, None, protect_top1=True),
                 lynx.Confidence(1, 0.5), lynx.StaticK(4), lynx.SER(2, 0.3), lynx.BatchTopN(16),
-                lynx.OEA(2), lynx.XShare(16, 1),
+                lynx.OEA(2), lynx.XShare(16, 1), lynx.SERE(2, 0.3, "models/m/sere_similarity.safetensors"),
+                lynx.SERE(1, -0.5),
                 lynx.PerLayer((lynx.AffinityBinning(3.0, 4), lynx.TopK(), lynx.OEA(3)))]
 
 
@@ -43,6 +44,11 @@ def test_parse_examples():
     (lambda: lynx.OEA(0), "k0"),
     (lambda: lynx.XShare(budget=0), "budget"),
     (lambda: lynx.XShare(k0=True), "k0"),
+    (lambda: lynx.SERE(top_s=0), "top_s"),
+    (lambda: lynx.SERE(rho=1.5), "rho"),
+    (lambda: lynx.SERE(rho=float("nan")), "rho"),
+    (lambda: lynx.SERE(similarity=""), "similarity"),
+    (lambda: lynx.SERE(similarity=3), "similarity"),
 ])
 def test_bad_fields_name_the_field(make, field):
     with pytest.raises(ValueError, match=rf"^{field}:"):
@@ -60,6 +66,8 @@ def test_bad_fields_name_the_field(make, field):
     ("per_layer(oea:k0=2;per_layer(topk))", "^layers: must be one or more \\(non per-layer\\)"),
     ("oea(k0=2)", "only per_layer"),
     ("per_layer(oea:k0=2;oea:k0=0)", "^k0:"),
+    ("sere:rho=-2", "^rho:"),
+    ("sere:top_s=two", "cannot read value"),
 ])
 def test_bad_specs(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -81,6 +89,55 @@ def test_per_layer_gives_each_layer_its_policy_and_checks_the_model():
         lynx.policy_from_dict({"policy": "per_layer", "layers": "oea"})
     with pytest.raises(ValueError, match="^layers:"):
         lynx.PerLayer(())
+
+
+def test_sere_spec_takes_its_similarity_file_as_text():
+    p = lynx.parse_policy("sere:top_s=2,rho=0.2,similarity=models/lynx-ref-moe/sere_similarity.safetensors")
+    assert p == lynx.SERE(2, 0.2, "models/lynx-ref-moe/sere_similarity.safetensors")
+    assert lynx.parse_policy("sere:similarity=123").similarity == "123"       # text, not a number
+    assert lynx.parse_policy("sere:similarity=none").similarity is None
+
+
+def _similarity_file(path, tensor, key="similarity"):
+    from safetensors.torch import save_file
+    save_file({key: tensor}, str(path))
+    return str(path)
+
+
+def test_sere_binds_each_layers_matrix_from_its_file(tmp_path):
+    sims = torch.rand(3, 8, 8) * 2 - 1
+    f = _similarity_file(tmp_path / "s.safetensors", sims)
+    p = lynx.SERE(2, 0.1, f)
+    p.check_layers(3)
+    bound = [p.for_layer(i) for i in range(3)]
+    assert all(b == p for b in bound)                                      # the matrix is not config
+    assert torch.equal(bound[2]._matrix, sims[2]) and str(bound[2]) == str(p)
+    w, ids = lynx.select_experts(torch.randn(16, 8), 4, bound[1])
+    assert ids.shape == (16, 4)
+    per_layer = lynx.PerLayer((lynx.TopK(), p, lynx.OEA(1)))               # bound by its position
+    assert torch.equal(per_layer.for_layer(1)._matrix, sims[1])
+    with pytest.raises(ValueError, match="has 3 layers but the model has 4 MoE layers"):
+        p.check_layers(4)
+    with pytest.raises(ValueError, match="has 3 layers, no MoE layer 3"):
+        p.for_layer(3)
+    with pytest.raises(ValueError, match=r"the matrix is \[8, 8\] but the layer has E=6"):
+        lynx.select_experts(torch.randn(4, 6), 2, bound[0])
+
+
+@pytest.mark.parametrize("write, message", [
+    (None, "not found: compute one with `lynx similarity MODEL`"),
+    (lambda p: _similarity_file(p, torch.zeros(3, 8, 6)), r"must be \[layers, experts, experts\], got \[3, 8, 6\]"),
+    (lambda p: _similarity_file(p, torch.zeros(8, 8)), r"must be \[layers, experts, experts\]"),
+    (lambda p: _similarity_file(p, torch.zeros(1, 8, 8), key="other"), "no 'similarity' tensor"),
+    (lambda p: p.write_bytes(b"not a safetensors file"), "not a readable safetensors file"),
+    (lambda p: _similarity_file(p, torch.full((1, 4, 4), 2.0)), r"finite and in \[-1, 1\]"),
+])
+def test_sere_refuses_bad_similarity_files(tmp_path, write, message):
+    path = tmp_path / "s.safetensors"
+    if write is not None:
+        write(path)
+    with pytest.raises(ValueError, match=message):
+        lynx.SERE(2, 0.1, str(path)).for_layer(0)
 
 
 def test_policy_from_dict_needs_name():

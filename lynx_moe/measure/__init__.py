@@ -12,6 +12,7 @@ for bad input. The command line (``lynx_moe.cli``) parses arguments, calls these
 - ``quality``: quality of policies against native routing in decode mode;
 - ``speed``: interleaved decode timing and the bytes a step reads;
 - ``machine``: copy bandwidth and the conditions of a run;
+- ``similarity``: expert similarity matrices for SERE (``lynx similarity``);
 - ``profile``: distinct experts, load skew and bin overlap of a routing recording;
 - ``plots``: every PNG; ``lm_eval``: the lm-evaluation-harness model ``lynx-hf``.
 
