@@ -371,6 +371,8 @@ class SERE(Policy):
     primaries; each other expert a voting row chose is replaced by its most similar primary
     (inside the row's groups) when their similarity is at least ``rho``, else kept. The slot
     keeps its native weight; slots that land on one expert merge (their weights add up).
+    ``rho`` is a cosine (``lynx similarity``'s metric); the default 0.2 gives a moderate cut on
+    the reference models (docs/algorithms.md, section 4b).
 
     ``similarity``: a ``lynx similarity`` file (``[L, E, E]``, one matrix per MoE layer);
     ``for_layer(i)`` returns a copy bound to layer i's matrix, ``bound(matrix)`` one bound to
@@ -380,7 +382,7 @@ class SERE(Policy):
     kind: ClassVar[str] = "substitute"
     text_fields: ClassVar[tuple[str, ...]] = ("similarity",)
     top_s: int = 2
-    rho: float = 0.5
+    rho: float = 0.2
     similarity: str | None = None
 
     def __post_init__(self) -> None:
