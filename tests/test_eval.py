@@ -371,3 +371,35 @@ def test_lm_eval_model_checks_the_policy_against_the_config_before_loading(tmp_p
     (tmp_path / "config.json").write_text(json.dumps({"num_experts": 64, "num_experts_per_tok": 8}))
     with pytest.raises(ValueError, match=r"StaticK\(k=9\) needs k <= the model's top_k=8"):
         LynxHFLM(pretrained=str(tmp_path), policy="static_k:k=9")   # no weights there: nothing was loaded
+
+
+def test_a_calibration_is_cached_and_gates_bench_and_eval_by_default(tiny_dir, tmp_path, capsys, monkeypatch):
+    """``lynx bench --calibrate`` writes the cache of this engine, model and machine; ``lynx
+    bench`` and ``lynx eval`` then gate with it unless told ``--no-gate`` or ``--gate FILE``."""
+    from lynx_moe.measure.gates import cache_path
+
+    from .cli_helpers import run_cli as _cli
+    monkeypatch.setenv("LYNX_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["--model", str(tiny_dir), "--threads", "1", "--json-only"]
+    bench = ["bench", *common, "--batch-sizes", "1,4", "--new-tokens", "2", "--prompt-len", "4", "--repeats", "1",
+             "--bandwidth-mib", "0"]
+    code, stdout, _ = _cli(bench, capsys)
+    assert code == 0 and json.loads(stdout)["gate"] is None                    # no calibration yet: ungated
+    code, stdout, _ = _cli([*bench, "--calibrate"], capsys)
+    cached = cache_path("hf", str(tiny_dir), 1)
+    assert code == 0 and json.loads(stdout)["calibration_files"] == [str(cached)] and cached.is_file()
+    code, stdout, _ = _cli([*bench, "--policy", "oea:k0=1"], capsys)
+    assert code == 0 and json.loads(stdout)["gate"] == str(cached)             # the cache gates by default
+    code, stdout, _ = _cli([*bench, "--policy", "oea:k0=1", "--no-gate"], capsys)
+    assert code == 0 and json.loads(stdout)["gate"] is None
+    code, _, stderr = _cli([*bench, "--gate", str(cached), "--no-gate"], capsys)
+    assert code == 2 and "not allowed with argument" in stderr
+    evaluate = ["eval", *common, "--tasks", "none", "--ppl-rows", "1", "--ppl-tokens", "2", "--gen-prompts", "0",
+                "--batch-size", "4"]
+    code, stdout, _ = _cli(evaluate, capsys)
+    assert code == 0 and json.loads(stdout)["config"]["gate"]["source"].startswith("hf ")
+    code, stdout, _ = _cli([*evaluate, "--no-gate"], capsys)
+    assert code == 0 and json.loads(stdout)["config"]["gate"] is None
+    cached.write_text("{}")
+    code, _, stderr = _cli(evaluate, capsys)
+    assert code == 2 and f"{cached}: not a lynx cost-model file" in stderr

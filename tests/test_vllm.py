@@ -514,7 +514,7 @@ def test_unsupported_vllm_version_is_a_clear_error(monkeypatch):
         plugin.register()
 
 
-def test_lynx_serve_splits_its_own_options_from_vllm_arguments():
+def test_lynx_serve_splits_its_own_options_from_vllm_arguments(capsys):
     from lynx_moe.cli import build_parser
     args = build_parser().parse_args(["serve", "M", "--port", "8001", "--policy", "topk", "--enforce-eager",
                                       "--stats-every", "5"])
@@ -525,8 +525,11 @@ def test_lynx_serve_splits_its_own_options_from_vllm_arguments():
     args = build_parser().parse_args(["serve", "M", "--lynx-default", "off"])
     assert _settings_env(args) == {"LYNX_POLICY": "preset", "LYNX_DEFAULT": "off"}
     assert load_settings(_settings_env(args)).requests_default == "off"
-    with pytest.raises(ValueError, match=r"LYNX_GATE_FILE='/nonexistent.json': .*not a lynx cost-model file"):
-        load_settings(_settings_env(build_parser().parse_args(["serve", "M", "--gate", "/nonexistent.json"])))
+    from lynx_moe.cli import main
+    assert main(["serve", "M", "--gate", "/nonexistent.json"]) == 2
+    assert "/nonexistent.json: not a lynx cost-model file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "M", "--gate", "g.json", "--no-gate"])
 
 
 def test_lynx_serve_rejects_a_bad_policy_file(tmp_path):

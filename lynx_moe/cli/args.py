@@ -60,6 +60,18 @@ def add_count(parser: argparse.ArgumentParser, flag: str, default: int, help: st
     parser.add_argument(flag, type=int, default=default, metavar=metavar, help=f"{help} (default {default})")
 
 
+def add_gate(parser: argparse.ArgumentParser, engine: str) -> None:
+    """``--gate FILE`` / ``--no-gate``; without either, the cached calibration of this engine,
+    model and machine gates the policies if there is one (``lynx_moe.measure.gates``)."""
+    flag = " --engine vllm" if engine == "vllm" else ""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--gate", type=Path, default=None, metavar="FILE",
+                       help=f"gate every policy with the cost model in FILE (lynx bench{flag} --calibrate FILE): a "
+                            "step keeps the policy's routing only where it predicts a gain (default: the cached "
+                            f"calibration of this model and machine, written by lynx bench{flag} --calibrate, if any)")
+    group.add_argument("--no-gate", action="store_true", help="never gate: the ungated policy")
+
+
 def add_json_only(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-only", action="store_true", help="print only the final JSON line")
 

@@ -43,15 +43,18 @@ from pathlib import Path
 
 from ..costmodel import fit, load_cost_model
 from ..integrations.hf import moe_shape
+from ..measure.gates import cache_path, choose_gate
 from ..measure.quality import check_policies
 from ..measure.shapes import get_shape
 from ..measure.speed import decode_speed, model_inputs, shape_inputs
 from ..presets import for_shape
 from . import UsageError
-from .args import (add_count, add_data, add_json_only, add_model, add_policies, add_threads, check_counts,
+from .args import (add_count, add_data, add_gate, add_json_only, add_model, add_policies, add_threads, check_counts,
                    positive_ints, progress_bar, set_threads, writable_dir)
 
 __all__ = ["add_arguments", "run"]
+
+_CACHE = Path("<cache>")   # --calibrate without FILE: the cache only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,12 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_count(parser, "--bandwidth-mib", 1024, "buffer of the copy-bandwidth measurement in MiB, 0: skip", "MIB")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="also write the results to OUT/bench.json")
-    parser.add_argument("--calibrate", type=Path, default=None, metavar="FILE",
+    parser.add_argument("--calibrate", type=Path, nargs="?", const=_CACHE, default=None, metavar="FILE",
                         help="time BatchTopN(n) policies (n = top-k, 2x, 4x: fixed distinct experts) instead of "
-                             "--policy, fit the cost model of lynx_moe.costmodel to every row, write it to FILE")
-    parser.add_argument("--gate", type=Path, default=None, metavar="FILE",
-                        help="gate every policy with the cost model in FILE (from --calibrate): a step keeps "
-                             "the policy's routing only where the model predicts a gain")
+                             "--policy, fit the cost model of lynx_moe.costmodel to every row, write it to the "
+                             "cache of this engine, model and machine (lynx_moe.measure.gates) and to FILE if given")
+    add_gate(parser, "hf or vllm")
     add_json_only(parser)
 
 
@@ -94,10 +96,21 @@ def _check_args(args: argparse.Namespace) -> None:
         get_shape(args.shape)   # ValueError listing the known shapes
     if args.calibrate is not None and (args.policy or args.gate):
         raise UsageError("--calibrate chooses its own policies: give no --policy and no --gate")
-    if args.calibrate is not None:
+    if args.calibrate not in (None, _CACHE):
         writable_dir(args.calibrate.parent)
-    if args.gate is not None:
-        load_cost_model(args.gate)   # ValueError naming the file
+    if args.calibrate is not None:
+        args.no_gate, args.gate = True, None   # calibration runs ungated
+    args.gate, args.gate_note = choose_gate(args.engine, _model_key(args), args.gate, args.no_gate, args.threads)
+
+
+def _model_key(args: argparse.Namespace) -> str:
+    """What a calibration is of: the model folder, or the --shape stack."""
+    if args.shape is not None:
+        return f"{args.shape} x{args.layers} {args.router}"
+    if args.model is not None:
+        return str(args.model)
+    from .. import reference_model_path
+    return str(reference_model_path())
 
 
 def _header() -> str:
@@ -120,20 +133,25 @@ def _calibration_policies(experts: int, top_k: int) -> list:
 
 def _finish_calibration(args: argparse.Namespace, summary: dict, engine: str) -> None:
     """With --calibrate: fit the cost model to the result rows, write it, show the fit."""
-    if args.gate is not None:
-        summary["gate"] = str(args.gate)
+    summary["gate"] = str(args.gate) if args.gate is not None else None
     if args.calibrate is None:
         return
     rows = summary["results"]
     source = f"{engine} {summary.get('shape') or summary.get('model')} on {summary['conditions']['before']['cpu']}"
     model = fit([(r["batch"], r["distinct_mean"], r["ms_per_step"]) for r in rows], source=source)
-    model.save(args.calibrate)
+    cached = cache_path(engine, _model_key(args), args.threads)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    model.save(cached)
+    summary["calibration_files"] = [str(cached)]
+    if args.calibrate != _CACHE:
+        model.save(args.calibrate)
+        summary["calibration_files"].append(str(args.calibrate))
     summary["cost_model"] = model.to_dict()
     summary["fit"] = [{"batch": r["batch"], "policy": r["policy"], "distinct": r["distinct_mean"],
                        "ms": r["ms_per_step"], "predicted_ms": round(model.predict(r["batch"], r["distinct_mean"]), 2)}
                       for r in rows]
     if not args.json_only:
-        print(f"cost model ({args.calibrate}): ms/step = {model.fixed_ms:.1f} + max({model.per_expert_ms:.2f} x "
+        print(f"cost model ({', '.join(summary['calibration_files'])}): ms/step = {model.fixed_ms:.1f} + max({model.per_expert_ms:.2f} x "
               f"distinct, {model.per_row_ms:.2f} x rows); compute floor at batch B = {model.per_row_ms / model.per_expert_ms:.2f} x B "
               f"experts" if model.per_expert_ms else "cost model: no measurable per-expert cost")
         for f in summary["fit"]:
@@ -170,6 +188,7 @@ def _run_vllm(args: argparse.Namespace, out: Path | None) -> int:
     else:
         specs = [str(p) for p in args.policy] if args.policy else ["preset"]
     if not args.json_only:
+        print(f"policies {args.gate_note}")
         print(f"{'B':>3} {'policy':<34} {'ms/step':>8} {'min-max':>13} {'tok/s':>8} {'speedup':>7} {'x(min)':>7} "
               f"{'native d':>8} {'distinct':>8}", flush=True)
     summary = vllm_decode_speed(model_dir, prompts, specs, args.batch_sizes, steps=args.new_tokens,
@@ -205,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
     check_policies(model, policies)   # fails early on an unsupported model or top_k
     setup_s = time.perf_counter() - t0
     if not args.json_only:
+        print(f"policies {args.gate_note}")
         print(_header(), flush=True)
     summary = decode_speed(model, tokens, args.prompt_len, policies, args.batch_sizes, args.repeats,
                            replay=replay, bandwidth_mib=args.bandwidth_mib,

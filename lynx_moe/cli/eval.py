@@ -36,14 +36,17 @@ from pathlib import Path
 
 import torch
 
+from .. import reference_model_path
+from ..costmodel import load_cost_model
 from ..integrations.hf import moe_shape
+from ..measure.gates import choose_gate
 from ..measure.data import load_inputs
 from ..measure.quality import DEFAULT_SWEEP, EvalConfig, check_policies, evaluate, expand_sweep
 from ..measure.speed import speed_on_text
 from ..presets import for_shape
 from . import UsageError
-from .args import (add_count, add_data, add_json_only, add_model, add_policies, add_threads, check_counts,
-                   progress_bar, set_threads, writable_dir)
+from .args import (add_count, add_data, add_gate, add_json_only, add_model, add_policies, add_threads,
+                   check_counts, progress_bar, set_threads, writable_dir)
 
 __all__ = ["add_arguments", "run", "format_table"]
 
@@ -70,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", type=int, nargs="?", const=3, default=0, metavar="ROUNDS",
                         help="also time decode steps of every policy at --batch-size (as lynx bench: "
                              "interleaved rounds, default 3) and report the speedup over native")
+    add_gate(parser, "hf")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="write eval.json (and the sweep plot) here")
     add_json_only(parser)
@@ -78,9 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config(args) -> EvalConfig:
     check_counts(args, at_least_one=("batch_size", "ppl_tokens", "prefix", "gen_tokens", "limit"),
                  at_least_zero=("ppl_rows", "gen_prompts", "speed"))
+    gate_file, args.gate_note = choose_gate("hf", str(args.model or reference_model_path()), args.gate,
+                                            args.no_gate, args.threads)
     return EvalConfig(batch_size=args.batch_size, prefix=args.prefix, ppl_tokens=args.ppl_tokens,
                       ppl_per_domain=args.ppl_rows, limit=args.limit, gen_prompts=args.gen_prompts,
-                      gen_tokens=args.gen_tokens)
+                      gen_tokens=args.gen_tokens, gate=load_cost_model(gate_file) if gate_file else None)
 
 
 def _x(v: float | None) -> str:
@@ -159,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
                "results": results}
     if args.speed:
         bench = speed_on_text(model, tokenizer, texts, policies, cfg.batch_size, args.speed,
-                         progress_bar("speed runs", not args.json_only))
+                              progress_bar("speed runs", not args.json_only), gate=cfg.gate)
         by_policy = {b["policy"]: b for b in bench["results"]}
         for r in results:
             b = by_policy.get(r["policy"], {})
@@ -174,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
                                                      title=f"{path.name}: {args.sweep} at batch {cfg.batch_size}"))]
         (out / "eval.json").write_text(json.dumps(summary, indent=1))
     if not args.json_only:
-        print(f"{path}: {E} experts top-{K}, batch {cfg.batch_size}, {results[0].get('eval_seconds')} s")
+        print(f"{path}: {E} experts top-{K}, batch {cfg.batch_size}, {results[0].get('eval_seconds')} s; "
+              f"policies {args.gate_note}")
         print(format_table(results))
         if out is not None:
             print(f"wrote {out / 'eval.json'}" + "".join(f", {p}" for p in summary.get("plots", [])))

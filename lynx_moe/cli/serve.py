@@ -23,13 +23,14 @@ import sys
 from pathlib import Path
 
 from . import UsageError
+from .args import add_gate
 
 __all__ = ["add_arguments", "run", "server_command"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = ("lynx serve [MODEL] [--policy SPEC | --policy-file FILE] [--stats-every N] [--lynx-default on|off] "
-                    "[vLLM args ...]")
+                    "[--gate FILE | --no-gate] [vLLM args ...]")
     parser.epilog = ("MODEL defaults to the embedded reference model. Any other argument is passed to "
                      "vLLM's server, as for `vllm serve` (e.g. --port 8000 --enforce-eager --max-model-len 2048).")
     parser.add_argument("--policy", default=None, metavar="SPEC",
@@ -39,9 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON with per-model policies (see lynx_moe.integrations.vllm.load_settings)")
     parser.add_argument("--stats-every", type=int, default=None, metavar="N",
                         help="log distinct experts per decode step every N forward steps (0: never; default 200)")
-    parser.add_argument("--gate", default=None, metavar="FILE",
-                        help="cost model from `lynx bench --engine vllm --calibrate FILE`: cut only on steps where "
-                             "it predicts a gain")
+    add_gate(parser, "vllm")
     parser.add_argument("--lynx-default", choices=("on", "off"), default=None,
                         help="routing of requests that do not say (extra_body={'vllm_xargs': {'lynx': 'on'|'off'}}): "
                              "on (default) or off, i.e. batch-invariant native routing unless a request opts in")
@@ -75,8 +74,6 @@ def _settings_env(args: argparse.Namespace) -> dict[str, str]:
         env["LYNX_STATS_EVERY"] = str(args.stats_every)
     if args.lynx_default is not None:
         env["LYNX_DEFAULT"] = args.lynx_default
-    if args.gate is not None:
-        env["LYNX_GATE_FILE"] = os.path.abspath(args.gate)
     return env
 
 
@@ -106,20 +103,26 @@ def _model(rest: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..integrations.hf import config_moe_layers, config_moe_shape
     from ..integrations.vllm import check_spec, load_settings, parse_spec
+    from ..measure.gates import choose_gate
     rest = list(getattr(args, "vllm_args", []))
     env = _settings_env(args)
     if args.policy is not None:
         parse_spec(args.policy, f"--policy {args.policy!r}")   # ValueError: a usage error
     # What the plugin will read in vLLM's processes, checked now (one line, no traceback):
-    settings = load_settings({**os.environ, **env})
     model = _model(rest)
+    if args.gate is not None or args.no_gate or not os.environ.get("LYNX_GATE_FILE"):
+        gate, note = choose_gate("vllm", model, args.gate, args.no_gate)
+        env["LYNX_GATE_FILE"] = os.path.abspath(gate) if gate is not None else ""
+    else:
+        note = f"gated by LYNX_GATE_FILE={os.environ['LYNX_GATE_FILE']}"
+    settings = load_settings({**os.environ, **env})
     check_spec(settings.spec_for(model), config_moe_shape(model), config_moe_layers(model))
     try:
         import vllm  # noqa: F401  (fail here with the extra's name, not in the child)
     except ImportError:
         raise UsageError("lynx serve needs vLLM: pip install 'lynx-moe[vllm]'") from None
     shown = " ".join(f"{k}={v}" for k, v in env.items())
-    print(f"lynx serve: {shown} vLLM OpenAI server --model {model} {' '.join(rest)}".rstrip(),
+    print(f"lynx serve: policies {note}\nlynx serve: {shown} vLLM OpenAI server --model {model} {' '.join(rest)}".rstrip(),
           file=sys.stderr, flush=True)
     child = subprocess.Popen(server_command(model, rest), env={**os.environ, **env})
 

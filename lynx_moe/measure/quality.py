@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..costmodel import CostModel
 from ..integrations import hf
 from ..policies import Policy, TopK, parse_policy
 from . import metrics
@@ -50,6 +51,7 @@ class EvalConfig:
     gen_tokens: int = 32        # greedy-agreement steps
     resamples: int = metrics.DEFAULT_RESAMPLES
     seed: int = metrics.DEFAULT_SEED
+    gate: CostModel | None = None   # gate every policy (``lynx_moe.costmodel``): cut only where it pays
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "prefix", "ppl_tokens", "gen_tokens", "resamples"):
@@ -107,10 +109,10 @@ class _Bar:
         self.total -= runs
 
 
-def _each_policy(model, policies: dict, stats: dict[str, _Stats], work):
+def _each_policy(model, policies: dict, stats: dict[str, _Stats], work, gate: CostModel | None):
     """Yield ``(name, work())`` for every policy, applied (with statistics) around the call."""
     for name, policy in policies.items():
-        hf.apply_(model, policy, stats=True)
+        hf.apply_(model, policy, stats=True, gate=gate)
         try:
             out = work()
             stats[name].add(hf.routing_stats(model))
@@ -134,7 +136,7 @@ def _perplexity(model, policies, rows, domains, cfg, pad_id, bar) -> tuple[dict,
         pre = prefill(model, batch, lens, pad_id)
         native = None
         for name, sc in _each_policy(model, policies, stats,
-                                     lambda: teacher_forced(model, pre, batch, lens, keep_logprobs=True)):
+                                     lambda: teacher_forced(model, pre, batch, lens, keep_logprobs=True), cfg.gate):
             native = sc if native is None else native
             a = acc[name]
             a["nll"] += (-sc.logprobs.double().sum(1)).tolist()
@@ -154,7 +156,7 @@ def _greedy_runs(model, policies, prompts, steps, pad_id, cfg, bar) -> tuple[dic
     for idx in _batches(len(prompts), cfg.batch_size):
         batch = [prompts[i] for i in idx]
         pre = prefill(model, batch, [len(r) - 1 for r in batch], pad_id)
-        for name, gen in _each_policy(model, policies, stats, lambda: greedy(model, pre, batch, steps)):
+        for name, gen in _each_policy(model, policies, stats, lambda: greedy(model, pre, batch, steps), cfg.gate):
             out[name].append(gen)
             bar.update()
     return {n: torch.cat(v) for n, v in out.items()}, {n: s.to_dict() for n, s in stats.items()}
@@ -176,7 +178,8 @@ def _choice_task(model, policies, task, tokenizer, cfg, pad_id, bar) -> tuple[di
             rows.append(enc[i] + choice_ids[i][c])
             lens.append(len(enc[i]) - 1)   # the last context token is fed by the first decode step
         pre = prefill(model, rows, lens, pad_id)
-        for name, sc in _each_policy(model, policies, stats, lambda: teacher_forced(model, pre, rows, lens)):
+        for name, sc in _each_policy(model, policies, stats, lambda: teacher_forced(model, pre, rows, lens),
+                                     cfg.gate):
             for r, j in enumerate(idx):
                 i, c = pairs[j]
                 scores[name][i][c] = sc.row_logprobs(r).double().sum().item()

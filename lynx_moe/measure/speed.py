@@ -282,8 +282,9 @@ def decode_speed(model, tokens: torch.Tensor, prompt_len: int, policies: list[Po
 
 
 def speed_on_text(model, tokenizer, texts: dict[str, list[str]], policies: list[Policy], batch: int,
-                  repeats: int = 3, progress: Callable[[int, int], None] | None = None) -> dict:
+                  repeats: int = 3, progress: Callable[[int, int], None] | None = None, gate=None) -> dict:
     """``decode_speed`` at one batch size on held-out text, as ``lynx eval --speed`` and ``lynx
     demo`` report it: 16 teacher-forced steps after a 16-token prompt, a 256 MiB bandwidth probe."""
     tokens = token_batch(texts, tokenizer, batch, 32, model.config.vocab_size)
-    return decode_speed(model, tokens, 16, policies, [batch], repeats, bandwidth_mib=256, progress=progress)
+    return decode_speed(model, tokens, 16, policies, [batch], repeats, bandwidth_mib=256, progress=progress,
+                        gate=gate)
