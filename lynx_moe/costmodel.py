@@ -15,18 +15,24 @@ The gate (``CostModel.pays``): a step keeps the policy's routing only when the m
 a gain of more than ``min_gain`` over native routing; otherwise every row gets its native
 experts back. It is tensor code (no host sync), evaluated per layer and step from the rows and
 the distinct experts native and with the policy, so a step the model calls compute-bound is
-left exactly native.
+left exactly native. ``at_floor`` also keeps a budgeted policy (XShare, BatchTopN) from cutting
+below the compute floor of the step's rows, where fewer experts buy nothing and cost accuracy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
 
+from .policies import BatchTopN, Policy, XShare
+
 __all__ = ["CostModel", "fit", "load_cost_model"]
+
+_BUDGETS = {XShare: "budget", BatchTopN: "n"}   # the field that caps a policy's distinct experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +61,15 @@ class CostModel:
     def compute_floor(self, rows: float) -> float:
         """The distinct experts below which a step of ``rows`` rows gets no faster."""
         return self.per_row_ms * rows / self.per_expert_ms if self.per_expert_ms else float("inf")
+
+    def at_floor(self, policy: Policy, rows: int) -> Policy:
+        """``policy`` with its budget raised to the compute floor of a step of ``rows`` rows
+        (a Python int: decided on the host from the step's shape); other policies unchanged."""
+        field = _BUDGETS.get(type(policy))
+        if field is None or not self.per_expert_ms:
+            return policy
+        floor = min(math.ceil(self.compute_floor(rows)), 1 << 20)
+        return dataclasses.replace(policy, **{field: max(getattr(policy, field), floor)})
 
     def pays(self, rows: torch.Tensor, native_distinct: torch.Tensor, policy_distinct: torch.Tensor) -> torch.Tensor:
         """Bool tensor: the predicted native time exceeds the policy's by more than ``min_gain``."""

@@ -90,3 +90,21 @@ def test_the_hf_gate_never_cuts_a_step_the_model_calls_compute_bound():
     assert all(s.distinct_policy < s.distinct_native for s in stats)
     with pytest.raises(ValueError, match="gate must be a lynx_moe.costmodel.CostModel"):
         lynx.apply_(copy.deepcopy(base), lynx.TopK(), gate="gate.json")
+
+
+def test_a_budget_is_raised_to_the_compute_floor_and_no_further():
+    """Below the compute floor (here 1.5 x rows experts) fewer experts buy nothing: a gated
+    budgeted policy keeps at least that many; other policies are left as they are."""
+    gate = lynx.CostModel(per_expert_ms=1.0, per_row_ms=1.5, fixed_ms=0.0, min_gain=0.0)
+    assert gate.at_floor(lynx.XShare(budget=8, k0=1), 16) == lynx.XShare(budget=24, k0=1)
+    assert gate.at_floor(lynx.BatchTopN(40), 16) == lynx.BatchTopN(40)        # already above the floor
+    assert gate.at_floor(lynx.OEA(2), 16) == lynx.OEA(2)
+    assert lynx.CostModel(0.0, 1.0).at_floor(lynx.BatchTopN(8), 16) == lynx.BatchTopN(8)   # no memory term
+    from lynx_moe.measure.models import tiny_model
+    inputs = {"input_ids": torch.randint(3, 512, (16, 6), generator=torch.Generator().manual_seed(1))}
+    for gated, low, high in ((None, 0, 8), (gate, 9, 24)):
+        model = lynx.apply_(tiny_model("olmoe"), lynx.BatchTopN(8), gate=gated)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        for s in lynx.routing_stats(model):
+            assert low < s.distinct_policy <= high < s.distinct_native, s

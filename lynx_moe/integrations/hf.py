@@ -199,7 +199,8 @@ def _router_hook(module: nn.Module, args: tuple, out: Any) -> Any:
     ids = own_ids
     result = None
     if layer.policy.kind != "native":
-        r = route(logits, own_ids.shape[1], layer.policy, decode_mask=vote, **layer.native(module))
+        policy = layer.policy if state.gate is None else state.gate.at_floor(layer.policy, logits.shape[0])
+        r = route(logits, own_ids.shape[1], policy, decode_mask=vote, **layer.native(module))
         new_ids = r.ids.to(own_ids.dtype)
         moved = vote & (new_ids.sort(dim=-1).values != own_ids.sort(dim=-1).values).any(dim=-1)
         if state.gate is not None:   # every row of the call computes: rows = T

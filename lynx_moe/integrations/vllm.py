@@ -248,13 +248,17 @@ def reroute(logits: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, vote
     returns vLLM's tensors themselves). ``sums`` ``[4]`` int64, if given, accumulates on the
     device: steps with a voter, distinct experts native, distinct experts with the policy,
     changed assignments. ``gate``: keep the policy's routing only on steps where the cost model
-    predicts a gain (``CostModel.pays``), else every row native. No host sync, no
-    data-dependent shape: safe to trace and capture.
+    predicts a gain (``CostModel.pays``), else every row native; in eager mode it also raises a
+    budget to the compute floor of the step's rows (``CostModel.at_floor``; under torch.compile
+    the row count is symbolic and budgets stay as given). No host sync, no data-dependent
+    shape: safe to trace and capture.
     """
     distinct = None   # [2]: distinct experts native / final, once counted
     if policy.kind == "native":
         new_w, new_ids, changed = weights, ids, torch.zeros((), dtype=torch.long, device=ids.device)
     else:
+        if gate is not None and isinstance(logits.shape[0], int):   # eager: the step's rows are a plain int
+            policy = gate.at_floor(policy, logits.shape[0])
         r = route(logits, top_k, policy, decode_mask=vote, valid_mask=valid, native=(weights, ids), **native_kwargs)
         kept = (r.ids[:, :, None] == ids[:, None, :].long()).any(dim=-1)          # [T, K]
         take = r.vote & ~kept.all(dim=-1)                                           # [T]
