@@ -42,3 +42,30 @@ def test_tune_refuses_bad_targets_and_files(tmp_path):
     bad.write_text('{"default": "affinity_binning:alpha=-1"}')
     with pytest.raises(ValueError, match="default: alpha"):
         lynx.load_policy(bad)
+
+
+def test_pick_per_layer_is_the_best_combination_within_the_budget():
+    from lynx_moe.measure.tune import frontier, pick_per_layer
+    options = [[(10.0, 0.2), (15.0, 0.4)], [(8.0, 0.1), (12.0, 0.35)], [(5.0, -0.1)]]
+    # 15 + 8 + 5 at 0.4 + 0.1 + 0 (a negative change counts as 0): the best within 0.5
+    assert pick_per_layer(options, 0.5) == [1, 0, 0]
+    assert pick_per_layer(options, 0.15) == [None, 0, 0]
+    assert pick_per_layer(options, 0.0) == [None, None, None]
+    rows = [{"policy": p, "saved": s, "ppl_delta_pct": d} for p, s, d in
+            [("a", 0.4, 1.0), ("b", 0.3, 1.2), ("c", 0.2, 0.1), ("d", 0.1, 0.2)]]
+    assert [r["policy"] for r in frontier(rows)] == ["a", "c"]
+
+
+def test_a_per_layer_policy_file_loads_in_hf_and_in_the_vllm_settings(tmp_path):
+    policy = lynx.parse_policy("per_layer(oea:k0=2;batch_top_n:n=8)")
+    path = tmp_path / "lynx.json"
+    path.write_text(json.dumps({"default": policy.to_dict()}))
+    assert lynx.load_policy(path) == policy
+    from lynx_moe.integrations.vllm import load_settings
+    assert load_settings({"LYNX_POLICY_FILE": str(path)}).default == policy
+    from lynx_moe.measure.models import tiny_model
+    model = lynx.apply_(tiny_model("olmoe"), lynx.load_policy(path))
+    with torch.no_grad():
+        model.generate(input_ids=torch.randint(3, 500, (16, 5)), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    first, second = lynx.routing_stats(model)
+    assert second.distinct_policy <= 8 < first.distinct_policy

@@ -4,7 +4,8 @@
     lynx tune --model PATH --batch-size 16 --max-ppl-increase 1 --out lynx.json --png frontier.png
 
 Every candidate setting is measured on one half of the held-out text (``lynx_moe.measure.tune``),
-the winner and the authors' preset again on the other half. ``--out`` is a policy file that
+then (unless ``--one-policy``) the frontier's settings one layer at a time, and the best
+combination of one setting per layer; the winner and the authors' preset again on the other half. ``--out`` is a policy file that
 ``LYNX_POLICY_FILE`` / ``lynx serve --policy-file`` read (its ``default``) and that
 ``lynx.load_policy(FILE)`` turns into the policy ``lynx.apply_`` takes. Prints the frontier
 and the test-split check, ends with one JSON line.
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ppl-per-domain", type=int, default=8, metavar="N",
                         help="held-out rows per domain and split (default 8)")
     add_policies(parser, "search only these settings (repeatable; default: lynx_moe.measure.tune.candidates_for)")
+    parser.add_argument("--one-policy", action="store_true",
+                        help="one setting for every layer (default: also search one setting per layer)")
     add_threads(parser)
     add_json_only(parser)
 
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     texts = load_texts(args.data or [default_data(args.model)])
     cfg = EvalConfig(batch_size=args.batch_size, ppl_per_domain=args.ppl_per_domain, gen_prompts=0)
     result = tune(model, tokenizer, texts, batch_size=args.batch_size, max_ppl_increase=args.max_ppl_increase,
-                  cfg=cfg, candidates=args.policy, progress=progress_bar("tune", not args.json_only))
+                  cfg=cfg, candidates=args.policy, progress=progress_bar("tune", not args.json_only),
+                  per_layer=not args.one_policy)
     result["model"] = str(args.model)
     if not args.json_only:
         print(f"{'policy':<40} {'saved':>6} {'distinct':>8} {'ppl change % [95% CI]':>26}   (calibration split, "
@@ -65,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
             mark = " <- winner" if r["policy"] == result["winner"] else ""
             print(f"{r['policy'][:40]:<40} {100 * r['saved']:>5.1f}% {r['distinct']:>8.1f} "
                   f"{r['ppl_delta_pct']:>+8.3f} [{r['ppl_delta_lo']:+.3f}, {r['ppl_delta_hi']:+.3f}]{mark}")
+        if result["per_layer"]:
+            print("\nper layer, each setting on one layer alone (calibration split):")
+            for r in result["per_layer"]:
+                print(f"  layer {r['layer']:<3d} {r['policy'][:40]:<40} {100 * r['saved']:>5.1f}% of the layer's experts "
+                      f"{r['ppl_delta_pct']:>+8.3f} %")
     if result["winner"] is None:
         print(json.dumps(result))
         raise UsageError(result["reason"])
@@ -79,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
                          f"lynx tune: batch {args.batch_size}, calibration split")
     if not args.json_only:
         print(f"\ntest split (not used by the search), batch {args.batch_size}:")
+        w = max(40, *(len(r["policy"]) for r in result["test"]))
         for r in result["test"]:
-            print(f"{r['policy'][:40]:<40} {100 * r['saved']:>5.1f}% {r['distinct']:>8.1f} "
+            print(f"{r['policy']:<{w}} {100 * r['saved']:>5.1f}% {r['distinct']:>8.1f} "
                   f"{r['ppl_delta_pct']:>+8.3f} [{r['ppl_delta_lo']:+.3f}, {r['ppl_delta_hi']:+.3f}]")
         print(f"wrote {args.out}: LYNX_POLICY_FILE={args.out} / lynx serve --policy-file {args.out} / "
               f"lynx.apply_(model, lynx.load_policy({str(args.out)!r}))")
