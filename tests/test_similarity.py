@@ -89,7 +89,7 @@ def test_a_sere_file_gives_each_vllm_layer_its_own_matrix(tmp_path):
     """The plugin resolves each layer with ``for_layer``: SERE loads that layer's matrix there."""
     from safetensors.torch import save_file
 
-    from lynx_moe.integrations.vllm import Settings, _State
+    from lynx_moe.integrations.vllm import Settings, _State, reroute
     sims = torch.rand(2, 64, 64) * 2 - 1
     save_file({"similarity": sims}, str(tmp_path / "s.safetensors"))
     state = _State(Settings(default=lynx.SERE(2, 0.1, str(tmp_path / "s.safetensors"))), None)
@@ -99,6 +99,14 @@ def test_a_sere_file_gives_each_vllm_layer_its_own_matrix(tmp_path):
         layer.num_experts, layer.top_k, layer.described = 64, 8, True
     state.resolve_all()
     assert [torch.equal(L.policy._matrix, sims[i]) for i, L in enumerate(state.layers)] == [True, True]
+    # The layer path with that policy: fewer experts, each row's native weight sum kept.
+    logits = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    w, ids = lynx.select_experts(logits, 8, renormalize=False)
+    every, sums = torch.ones(32, dtype=torch.bool), torch.zeros(4, dtype=torch.long)
+    new_w, new_ids = reroute(logits, w, ids, every, every, sums, policy=state.layers[1].policy, top_k=8,
+                             num_experts=64, native_kwargs={"renormalize": False, "scoring": "softmax"})
+    assert sums[2] < sums[1] and not torch.equal(new_ids, ids)
+    torch.testing.assert_close(new_w.sum(-1), w.sum(-1))
     with pytest.raises(ValueError, match="has 2 layers but the model has 3 MoE layers"):
         _State(Settings(default=lynx.SERE(2, 0.1, str(tmp_path / "s.safetensors"))), None).add_layer(
             object(), "m", (64, 8), 3)
