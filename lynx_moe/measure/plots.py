@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-__all__ = ["require", "distinct_per_layer", "quality_vs_saved", "profile_plots"]
+__all__ = ["require", "distinct_per_layer", "quality_vs_saved", "profile_plots", "frontier_plot"]
 
 
 def _pyplot():
@@ -156,3 +156,34 @@ def profile_plots(stats: dict, batch_sizes: list[int], out: Path) -> list[Path]:
     fig.savefig(out / "expert_load.png", dpi=120)
     plt.close(fig)
     return [out / "distinct_experts.png", out / "expert_load.png"]
+
+
+def frontier_plot(rows: list[dict], path: Path, title: str = "") -> Path:
+    """One panel per batch size: perplexity change against distinct experts saved, one line
+    per policy family through its settings (bars: 95 % intervals)."""
+    plt = _pyplot()
+    batches = sorted({r["batch"] for r in rows})
+    families = sorted({r["family"] for r in rows} - {"native"})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.6 * len(batches) + 1.8, 4.2), squeeze=False, sharey=True)
+    for ax, B in zip(axes[0], batches):
+        ax.axhline(0, color="grey", lw=0.8)
+        for i, fam in enumerate(families):
+            pts = sorted((r for r in rows if r["batch"] == B and r["family"] == fam), key=lambda r: r["saved"])
+            x = [100 * r["saved"] for r in pts]
+            y = [r["ppl_delta_pct"] for r in pts]
+            err = [[r["ppl_delta_pct"] - r["lo"] for r in pts], [r["hi"] - r["ppl_delta_pct"] for r in pts]]
+            ax.errorbar(x, y, yerr=err, fmt="-" + "osD^v<>ph*"[i % 10], capsize=2, color=f"C{i % 10}",
+                        label=fam, markersize=4, lw=1)
+        native = next((r for r in rows if r["batch"] == B and r["family"] == "native"), None)
+        ax.set_title(f"batch {B}" + (f" (native {native['distinct_native']:.1f} experts)" if native else ""),
+                     fontsize=9)
+        ax.set_xlabel("distinct experts saved per decode step (%)")
+    axes[0][0].set_ylabel("perplexity change (%)  [worse ->]")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="upper right", title="policy", title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (4.6 * len(batches) + 1.8), 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,58 @@
+"""The quality frontier: every policy's sweep of its own knob, at several batch sizes.
+
+    rows = frontier(model, tokenizer, texts, families_for(E, K, similarity), [8, 16, 32, 64], cfg)
+
+Each family (``families_for``) is one policy with its main knob swept from mild to deep; every
+setting is measured with ``measure.quality.evaluate`` in decode mode at each batch size (distinct
+experts per MoE layer and step, native's beside it; perplexity change with a paired 95 %
+interval; KL to native) on the **test** half of the held-out text (``tune.split_texts``: odd
+segments), which ``lynx tune``'s search never sees. The command is ``lynx frontier``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..policies import OEA, SERE, AffinityBinning, Confidence, Policy, StaticK, XShare
+from .quality import EvalConfig, evaluate
+from .tune import split_texts
+
+__all__ = ["families_for", "frontier"]
+
+
+def families_for(experts: int, top_k: int, similarity: str | Path | None = None) -> dict[str, list[Policy]]:
+    """Per family, its settings from the mildest cut to the deepest. SERE needs the model's
+    similarity file (``lynx similarity``); without one it is left out."""
+    fams: dict[str, list[Policy]] = {
+        "affinity_binning": [AffinityBinning(3.0, b) for b in (4, 3, 2, 1)],
+        "confidence": [Confidence(1, 1.0), Confidence(1, 0.5), Confidence(0, 1.0), Confidence(0, 0.5)],
+        "oea": [OEA(k0) for k0 in range(top_k - 1, 0, -1)],
+        "xshare": [XShare(n, 1) for n in sorted({int(experts * f) for f in (0.75, 0.625, 0.5, 0.375, 0.25)},
+                                                 reverse=True) if top_k <= n < experts],
+        "static_k": [StaticK(k) for k in range(top_k - 1, 0, -1)],
+    }
+    if similarity is not None:
+        fams["sere"] = [SERE(2, rho, str(similarity)) for rho in (0.5, 0.3, 0.2, 0.1, 0.0)]
+    return fams
+
+
+def frontier(model, tokenizer, texts: dict[str, list[str]], families: dict[str, list[Policy]],
+             batch_sizes: list[int], cfg: EvalConfig, progress=None) -> list[dict]:
+    """One row per batch size and setting (native first at each batch size): ``batch``,
+    ``family``, ``policy``, ``saved``, ``distinct``, ``distinct_native``, ``ppl_delta_pct`` with
+    ``lo``/``hi``, ``kl``."""
+    _, test = split_texts(texts)
+    if not test:
+        raise ValueError("the frontier needs held-out text with at least two segments per domain")
+    policies = [p for ps in families.values() for p in ps]
+    family = {str(p): f for f, ps in families.items() for p in ps}
+    rows = []
+    for B in batch_sizes:
+        run = EvalConfig(**{**cfg.__dict__, "batch_size": B})
+        for r in evaluate(model, tokenizer, policies, test, [], run, progress=progress):
+            d = r["perplexity"]["delta_pct"]
+            rows.append({"batch": B, "family": family.get(r["policy"], "native"), "policy": r["policy"],
+                         "saved": r["routing"]["saved"], "distinct": r["routing"]["distinct"],
+                         "distinct_native": r["routing"]["distinct_native"], "ppl_delta_pct": d["value"],
+                         "lo": d["lo"], "hi": d["hi"], "kl": r["perplexity"]["kl"]})
+    return rows
