@@ -141,6 +141,8 @@ def test_perplexity_delta_known_ratio():
 def test_exact_match():
     assert metrics.exact_match(" Fox, jumps", "fox")
     assert not metrics.exact_match(" foxes", "fox") and not metrics.exact_match("", "")
+    assert metrics.exact_match(" the Priest said", "the priest")      # a two-word answer: both words
+    assert not metrics.exact_match(" the", "the priest") and not metrics.exact_match(" the king", "the priest")
 
 
 def test_expand_sweep():

@@ -16,7 +16,13 @@ Writes (all small JSONL + lm-evaluation-harness 0.4.13 YAML task files):
                             word is the clear majority continuation of the two preceding words in the TRAIN
                             split, excluding the 150 most frequent words (a "predictable next word"; chance ~0)
 * continuation.jsonl      - like next_sentence, but the 3 distractors come from other domains (chance 0.25)
-Run lm-eval from the repo root with ``--include_path models/lynx-ref-moe/eval``.
+* next_words.jsonl        - held-out context -> the next TWO words, each the clear majority continuation of its two
+                            preceding words in TRAIN (frequent words allowed); two tasks: lynx_ref_next_words
+                            (loglikelihood: whole answer greedy + answer perplexity; with lynx lm-eval's
+                            decode_scoring every answer token comes from a decode step) and lynx_ref_next_words_gen
+                            (generate_until, whole-answer exact match; the first token comes from the prefill)
+Run lm-eval from the repo root with ``--include_path models/lynx-ref-moe/eval``. The other reference models
+ship byte-identical copies: ``cp -r models/lynx-ref-moe/eval models/lynx-ref-qwen3moe/`` (and lynx-ref-dsv3).
 """
 from __future__ import annotations
 
@@ -271,10 +277,20 @@ def build_last_word(corpus: Path, out: Path, rng: random.Random, freqs, per_doma
     print(f"last_word: {len(rows)} items")
 
 
-def predictable_word_items(corpus: Path, rng: random.Random, per_domain: int, exclude=frozenset()):
-    """Positions in test documents whose next word is the clear majority continuation of the two preceding
-    words in the TRAIN split (>= 5 occurrences of the bigram, >= 50 % of them followed by that word)."""
+def _majority(follow: collections.Counter | None, word: str) -> bool:
+    """``word`` is the clear majority of ``follow`` (>= 5 occurrences, >= 50 % of them that word)."""
+    if not follow:
+        return False
+    top, n = follow.most_common(1)[0]
+    return top == word and sum(follow.values()) >= 5 and n / sum(follow.values()) >= 0.5
+
+
+def predictable_word_items(corpus: Path, rng: random.Random, per_domain: int, exclude=frozenset(), words: int = 1):
+    """Positions in test documents whose next ``words`` words (separated by single spaces) are each the clear
+    majority continuation of the two words before it in the TRAIN split (>= 5 occurrences of the bigram, >= 50 %
+    of them followed by that word); ``exclude`` applies to the first word."""
     tok_re = re.compile(r"[A-Za-z']+|[^A-Za-z'\s]")
+    more = re.compile(r"(?: [A-Za-z]+){%d}(?![A-Za-z'-])" % (words - 1)) if words > 1 else re.compile("")
     cands = {}
     need = set()
     for d in TEXT_DOMAINS:
@@ -288,9 +304,14 @@ def predictable_word_items(corpus: Path, rng: random.Random, per_domain: int, ex
                 prev = text[max(0, start - 60):start].split()
                 if len(prev) < 2 or not all(WORD.fullmatch(w) for w in prev[-2:]):
                     continue
-                key = (prev[-2].lower(), prev[-1].lower())
-                cs.append((key, start, m.group(1), doc["id"], text))
-                need.add(key)
+                tail = more.match(text, m.end())
+                if tail is None:
+                    continue
+                answer = [m.group(1)] + tail.group(0).split()
+                chain = [w.lower() for w in prev[-2:] + answer]
+                keys = [tuple(chain[i:i + 2]) for i in range(words)]
+                cs.append((keys, start, " ".join(answer), doc["id"], text))
+                need.update(keys)
         cands[d] = cs
     follow = collections.defaultdict(collections.Counter)
     for d in TEXT_DOMAINS:
@@ -302,17 +323,14 @@ def predictable_word_items(corpus: Path, rng: random.Random, per_domain: int, ex
     items = []
     for d in TEXT_DOMAINS:
         ok = []
-        for key, start, word, doc_id, text in cands[d]:
-            c = follow.get(key)
-            if not c:
+        for keys, start, answer, doc_id, text in cands[d]:
+            if answer.split()[0].lower() in exclude or not all(
+                    _majority(follow.get(k), w) for k, w in zip(keys, answer.lower().split())):
                 continue
-            tot = sum(c.values())
-            top, n = c.most_common(1)[0]
-            if tot >= 5 and n / tot >= 0.5 and top == word.lower() and top not in exclude:
-                ctx = text[max(0, start - 320):start]
-                if start > 320:
-                    ctx = ctx[ctx.find(" ") + 1:]
-                ok.append((d, ctx.lstrip().rstrip(" "), word, doc_id))
+            ctx = text[max(0, start - 320):start]
+            if start > 320:
+                ctx = ctx[ctx.find(" ") + 1:]
+            ok.append((d, ctx.lstrip().rstrip(" "), answer, doc_id))
         picked = _spread_over_documents(ok, per_domain, rng)
         print(f"  {d}: {len(picked)} predictable-word items from {len(ok)} candidates")
         items += picked
@@ -334,6 +352,33 @@ def build_next_word(corpus: Path, out: Path, rng: random.Random, freqs, per_doma
         + "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
         + "    ignore_case: true\n    ignore_punctuation: true\nmetadata:\n  version: 1.0\n")
     print(f"next_word: {len(rows)} items")
+
+
+def build_next_words(corpus: Path, out: Path, rng: random.Random, per_domain: int = 600):
+    """The next TWO words, each a predictable continuation (as in next_word, frequent words allowed), as two
+    tasks on one file. ``lynx_ref_next_words`` (loglikelihood, like lambada): acc = the whole answer is the
+    greedy continuation, i.e. greedy generation would produce it, and the answer's perplexity; scored in decode
+    mode (``lynx lm-eval ... decode_scoring=true``) every answer token is predicted by a decode step, where a
+    routing policy acts. ``lynx_ref_next_words_gen`` (generate_until, whole-answer exact match) is the same
+    question for a server; there the first token comes from the prompt pass, which is routed natively."""
+    rows = [{"domain": d, "context": ctx, "answer": words, "doc": doc_id}
+            for d, ctx, words, doc_id in predictable_word_items(corpus, rng, per_domain, words=2)]
+    write_jsonl(out / "next_words.jsonl", rows)
+    (out / "lynx_ref_next_words.yaml").write_text(
+        yaml_header("lynx_ref_next_words", "next_words.jsonl", "loglikelihood")
+        + 'doc_to_text: "{{context}}"\ndoc_to_target: " {{answer}}"\nmetric_list:\n'
+        + "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        + "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\nmetadata:\n  version: 1.0\n")
+    (out / "lynx_ref_next_words_gen.yaml").write_text(
+        yaml_header("lynx_ref_next_words_gen", "next_words.jsonl", "generate_until")
+        + 'doc_to_text: "{{context}}"\ndoc_to_target: "{{answer}}"\ntarget_delimiter: ""\n'
+        + "generation_kwargs:\n  until: [\"\\n\", \".\", \",\", \";\"]\n  max_gen_toks: 12\n  do_sample: false\n"
+        + "filter_list:\n  - name: first_words\n    filter:\n      - function: regex\n"
+        + "        regex_pattern: \"([A-Za-z']+ [A-Za-z']+)\"\n        group_select: 0\n        fallback: \"\"\n"
+        + "      - function: take_first\n"
+        + "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        + "    ignore_case: true\n    ignore_punctuation: true\nmetadata:\n  version: 1.0\n")
+    print(f"next_words: {len(rows)} items")
 
 
 def test_sentences(corpus: Path, rng: random.Random) -> dict:
@@ -395,8 +440,8 @@ def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain:
 
 # Tasks shipped in models/lynx-ref-moe/eval. The others are built only with --all-tasks: the trained model
 # stayed below 1.5x chance on them (see the model card), so they cannot show accuracy loss.
-DEFAULT_TASKS = ["last_word", "next_word", "next_sentence", "continuation"]
-ALL_TASKS = ["wn_gloss", "wn_pos", "last_word", "next_word", "next_sentence", "continuation"]
+DEFAULT_TASKS = ["last_word", "next_word", "next_sentence", "continuation", "next_words"]
+ALL_TASKS = ["wn_gloss", "wn_pos", "last_word", "next_word", "next_sentence", "continuation", "next_words"]
 
 
 def main():
@@ -430,6 +475,8 @@ def main():
         build_wn_pos(corpus, out, random.Random(SEED + 5))
     if "continuation" in tasks:
         build_next_sentence(corpus, out, random.Random(SEED + 6), cross_domain=True, name="continuation")
+    if "next_words" in tasks:
+        build_next_words(corpus, out, random.Random(SEED + 7))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Pure functions on tensors (no model, no transformers), used by ``lynx eval`` and
 - ``paired_bootstrap`` / ``bootstrap``: percentile confidence intervals over items, resampled
   in pairs (the same items for native and policy), with a fixed seed so reports repeat;
 - ``perplexity_delta``: relative perplexity change with its interval (resampling sequences);
-- ``exact_match``: the short-answer comparison (first word, case and punctuation ignored).
+- ``exact_match``: the short-answer comparison (first words, case and punctuation ignored).
 
 Why paired: the native and policy scores of one item are strongly correlated (most items get
 the same answer), so the interval of the *difference* is far narrower than the difference of
@@ -122,7 +122,13 @@ def first_word(text: str) -> str:
     return m.group(0).lower().strip("'") if m else ""
 
 
+def _words(text: str) -> list[str]:
+    return [w.strip("'") for w in _WORD.findall(text.lower())]
+
+
 def exact_match(generated: str, answer: str) -> bool:
-    """Short-answer exact match as the reference tasks score it: the first word of the
-    generation against the answer, ignoring case and punctuation."""
-    return first_word(generated) == first_word(answer) != ""
+    """Short-answer exact match as the reference tasks score it: the generation's first words,
+    as many as the answer has (one for ``next_word``, two for ``next_words_gen``), against the
+    answer, ignoring case and punctuation."""
+    want = _words(answer)
+    return bool(want) and _words(generated)[:len(want)] == want
