@@ -153,7 +153,11 @@ def test_chat_template_renders_a_conversation():
     assert text == "Be brief.\n\nQ: Name a fox.\nA: Reynard.\nQ: Another?\nA:"
 
 
-def test_lm_eval_sees_a_policy_only_in_decode_mode(monkeypatch):
+@pytest.mark.parametrize("task, metric, limit", [
+    ("lynx_ref_ppl_bible", "word_perplexity,none", 8),    # loglikelihood_rolling: held-out text
+    ("lynx_ref_next_words", "perplexity,none", 32),       # loglikelihood: a two-word answer after a context
+])
+def test_lm_eval_sees_a_policy_only_in_decode_mode(monkeypatch, task, metric, limit):
     """Stock lm-eval scores loglikelihood requests in one prefill, which is routed natively, so
     every policy gets native's score; with ``decode_scoring=true`` the continuation is fed as
     decode steps with the batch voting, and an aggressive policy scores differently."""
@@ -165,16 +169,16 @@ def test_lm_eval_sees_a_policy_only_in_decode_mode(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     tasks = TaskManager(include_path=str(PATH / "eval"))
 
-    def word_ppl(policy: str, decode: bool) -> float:
+    def score(policy: str, decode: bool) -> float:
         out = lm_eval.simple_evaluate(
             model="lynx-hf", model_args=f"pretrained={PATH},policy={policy},decode_scoring={decode},dtype=float32",
-            tasks=["lynx_ref_ppl_bible"], task_manager=tasks, device="cpu", batch_size=8, limit=8)
-        return out["results"]["lynx_ref_ppl_bible"]["word_perplexity,none"]
+            tasks=[task], task_manager=tasks, device="cpu", batch_size=limit, limit=limit)
+        return out["results"][task][metric]
 
-    native = word_ppl("topk", False)
-    assert word_ppl("xshare:budget=8", False) == native                 # prefill: the policy is invisible
-    assert word_ppl("topk", True) == pytest.approx(native, rel=1e-3)    # decode mode, native: the same score
-    assert word_ppl("xshare:budget=8", True) > native * 1.01            # decode mode: the cut shows
+    native = score("topk", False)
+    assert score("xshare:budget=8", False) == native                 # prefill: the policy is invisible
+    assert score("topk", True) == pytest.approx(native, rel=1e-3)    # decode mode, native: the same score
+    assert score("xshare:budget=8", True) > native * 1.01            # decode mode: the cut shows
 
 
 DSV3 = PATH.parent / "lynx-ref-dsv3"
