@@ -502,11 +502,17 @@ HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf \\
 ```
 
 Which of these tasks can show a routing policy: a policy acts on decode steps only. Through a server
-(stock `local-completions`) and with stock lm-eval in process, the multiple-choice and perplexity tasks are
-scored from a prompt pass, which is routed natively, so every policy gets native's score; `lynx lm-eval
---model lynx-hf --model_args "pretrained=...,policy=SPEC,decode_scoring=true"` scores them in decode mode,
-where the batch votes. `lynx_ref_next_word` is generated in decode steps, but most answers are one token,
-which comes from the prompt pass.
+(stock `local-completions`) and with stock lm-eval in process, the multiple-choice, perplexity and
+`loglikelihood` tasks are scored from a prompt pass, which is routed natively, so every policy gets native's
+score; `lynx lm-eval --model lynx-hf --model_args "pretrained=...,policy=SPEC,decode_scoring=true"` scores
+them in decode mode, where the batch votes. The task built for this is `lynx_ref_next_words` (1020 items:
+the next two words, each the majority continuation of its two preceding words in the TRAIN split;
+`loglikelihood`: acc = the whole answer is the greedy continuation, and the answer's perplexity): in
+decode mode every answer token is predicted by a decode step. Generation (`generate_until`) runs in
+decode steps except its first token, which comes from the prompt pass: `lynx_ref_next_word`'s answers are
+mostly one token, and on `lynx_ref_next_words_gen` (the same items, whole-answer exact match) even
+aggressive policies change 0-3 of 1020 answers on this model. The lynx-moe README has the measured table
+with paired intervals (`lynx lm-eval-compare`).
 
 Chat: this is a base model, not instruction-tuned. `chat_template.jinja` turns a conversation into
 plain text (the system text, then `Q: ...` / `A: ...` lines, ending with `A:`), so chat clients of

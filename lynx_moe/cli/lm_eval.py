@@ -10,7 +10,8 @@ lm-eval's help. Without ``--device`` on a machine without CUDA, ``--device cpu``
 Inside ``policy=`` separate the spec's fields with ``;`` or ``+`` (lm-eval splits model_args
 on commas). Add ``decode_scoring=true`` to score loglikelihood (multiple-choice, perplexity)
 requests in decode mode, where the policy acts; by default lm-eval runs them as a prefill,
-which is routed natively (see ``lynx_moe.measure.lm_eval``).
+which is routed natively (see ``lynx_moe.measure.lm_eval``). Run with ``--log_samples``, two runs
+(native, a policy) are compared item by item by ``lynx lm-eval-compare``.
 """
 
 from __future__ import annotations

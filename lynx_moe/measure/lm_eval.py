@@ -25,7 +25,9 @@ they are scored in decode mode instead (``lynx_moe.measure.decode``, as ``lynx e
 batch of ``batch_size`` requests prefills its contexts but the last token, then feeds that
 token and the continuation one decode step at a time, so every continuation token is
 predicted by a decode step with the whole batch voting (slower: one forward per token). After
-each pass the distinct experts per decode step are logged.
+each pass the distinct experts per decode step are logged. The reference models'
+``lynx_ref_next_words`` (two-word answers; acc = the whole answer is greedy, and its perplexity)
+is the task built for this; ``lynx lm-eval-compare`` gives paired intervals between two runs.
 
 lm-eval 0.4.13 has no plugin discovery for models: ``register()`` (or ``lynx lm-eval``, which
 calls it and then lm-eval's own command line) adds the name to its registry.
