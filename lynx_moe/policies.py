@@ -422,7 +422,7 @@ class SERE(Policy):
         matrix = getattr(self, "_matrix", None)
         if matrix is None:
             raise ValueError(f"{self} has no similarity matrix: give similarity=FILE (`lynx similarity MODEL` "
-                             "writes MODEL/sere_similarity.safetensors) and route policy.for_layer(i), "
+                             "writes MODEL/sere/similarity.safetensors) and route policy.for_layer(i), "
                              "or use policy.bound(matrix)")
         T, E = step.logits.shape
         _check(matrix.shape == (E, E), "similarity", f"the matrix is {list(matrix.shape)} but the layer has E={E} experts")

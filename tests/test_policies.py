@@ -11,7 +11,7 @@ import lynx_moe as lynx
 
 EVERY_POLICY = [lynx.TopK(), lynx.AffinityBinning(3.0, 2), lynx.AffinityBinning(1.0, None, protect_top1=True),
                 lynx.Confidence(1, 0.5), lynx.StaticK(4), lynx.SER(2, 0.3), lynx.BatchTopN(16),
-                lynx.OEA(2), lynx.XShare(16, 1), lynx.SERE(2, 0.3, "models/m/sere_similarity.safetensors"),
+                lynx.OEA(2), lynx.XShare(16, 1), lynx.SERE(2, 0.3, "models/m/sere/similarity.safetensors"),
                 lynx.SERE(1, -0.5),
                 lynx.PerLayer((lynx.AffinityBinning(3.0, 4), lynx.TopK(), lynx.OEA(3)))]
 
@@ -92,8 +92,8 @@ def test_per_layer_gives_each_layer_its_policy_and_checks_the_model():
 
 
 def test_sere_spec_takes_its_similarity_file_as_text():
-    p = lynx.parse_policy("sere:top_s=2,rho=0.2,similarity=models/lynx-ref-moe/sere_similarity.safetensors")
-    assert p == lynx.SERE(2, 0.2, "models/lynx-ref-moe/sere_similarity.safetensors")
+    p = lynx.parse_policy("sere:top_s=2,rho=0.2,similarity=models/lynx-ref-moe/sere/similarity.safetensors")
+    assert p == lynx.SERE(2, 0.2, "models/lynx-ref-moe/sere/similarity.safetensors")
     assert lynx.parse_policy("sere:similarity=123").similarity == "123"       # text, not a number
     assert lynx.parse_policy("sere:similarity=none").similarity is None
 

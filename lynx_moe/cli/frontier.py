@@ -7,7 +7,7 @@ text that ``lynx tune`` never searches (``lynx_moe.measure.frontier``).
 Prints one table per batch size (distinct experts saved, perplexity change with its paired 95 %
 interval, KL to native), writes ``DIR/frontier.json`` and ``DIR/frontier.png`` (one panel per
 batch size, one line per policy) and ends with one JSON line. SERE is included when the model
-folder holds ``sere_similarity.safetensors`` (``lynx similarity``).
+folder holds ``sere/similarity.safetensors`` (``lynx similarity``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..measure.data import default_data, load_texts
 from ..measure.frontier import families_for, frontier
 from ..measure.models import load_model
 from ..measure.quality import EvalConfig
+from ..measure.similarity import default_path
 from . import UsageError
 from .args import (add_data, add_json_only, add_model, add_threads, positive_ints, progress_bar, set_threads,
                    writable_dir)
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         from .. import reference_model_path
         args.model = reference_model_path()
     E, K = moe_shape(model)
-    sim = Path(args.model) / "sere_similarity.safetensors"
+    sim = default_path(args.model, "outputs")
     families = families_for(E, K, sim if sim.is_file() else None)
     if args.families is not None:
         wanted = [f.strip() for f in args.families.split(",") if f.strip()]

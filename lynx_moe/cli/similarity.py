@@ -1,8 +1,8 @@
 """``lynx similarity``: a model's expert similarity matrices for the SERE policy, computed once.
 
-    lynx similarity --model models/lynx-ref-moe                  # -> MODEL/sere_similarity.safetensors
+    lynx similarity --model models/lynx-ref-moe                  # -> MODEL/sere/similarity.safetensors
     lynx similarity --model PATH --method weights                # data-free: from the weights alone
-    lynx eval --model PATH --policy sere:top_s=2,rho=0.2,similarity=PATH/sere_similarity.safetensors
+    lynx eval --model PATH --policy sere:top_s=2,rho=0.2,similarity=PATH/sere/similarity.safetensors
 
 ``outputs`` (default) runs every expert on the hidden states that reach its layer over held-out
 text (the last quarter of each domain's segments); ``weights`` on seeded Gaussian inputs. The
@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="outputs",
                         help="outputs: expert outputs on held-out text (default); weights: on Gaussian inputs, no data")
     parser.add_argument("--out", type=Path, default=None, metavar="FILE",
-                        help="file to write (default: MODEL/sere_similarity.safetensors, "
-                             "MODEL/sere_similarity_weights.safetensors for --method weights)")
+                        help="file to write (default: MODEL/sere/similarity.safetensors, "
+                             "MODEL/sere/similarity_weights.safetensors for --method weights)")
     add_count(parser, "--tokens", 4096, "calibration inputs per layer")
     add_data(parser)
     add_threads(parser)

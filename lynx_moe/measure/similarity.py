@@ -1,7 +1,7 @@
 """Expert similarity matrices for SERE, computed once per model (``lynx similarity``).
 
     sim, meta = expert_similarity(model, tokenizer, texts, method="outputs")   # [L, E, E]
-    save_similarity(model_dir / "sere_similarity.safetensors", sim, meta)
+    save_similarity(model_dir / "sere/similarity.safetensors", sim, meta)
 
 ``sim[l, e, p]``: the mean, over calibration inputs ``x``, of the cosine between expert e's and
 expert p's outputs on the same ``x`` in MoE layer l (each expert run by transformers' own
@@ -43,10 +43,11 @@ _CHUNK = 512   # tokens per pass over the experts: bounds memory at E x chunk x 
 
 
 def default_path(model_dir: str | Path, method: str) -> Path:
-    """Where a model's similarity file goes: ``MODEL/sere_similarity.safetensors`` (``outputs``),
-    ``MODEL/sere_similarity_weights.safetensors`` (``weights``)."""
-    return Path(model_dir) / ("sere_similarity.safetensors" if method == "outputs"
-                              else f"sere_similarity_{method}.safetensors")
+    """Where a model's similarity file goes: ``MODEL/sere/similarity.safetensors`` (``outputs``),
+    ``MODEL/sere/similarity_weights.safetensors`` (``weights``): in a subfolder, because vLLM
+    loads every ``*.safetensors`` at a model folder's top level as model weights."""
+    return Path(model_dir) / ("sere/similarity.safetensors" if method == "outputs"
+                              else f"sere/similarity_{method}.safetensors")
 
 
 def calibration_texts(texts: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -128,5 +129,6 @@ def save_similarity(path: str | Path, sims: torch.Tensor, meta: dict[str, str]) 
     """Write ``sims [L, E, E]`` and string metadata as a safetensors similarity file."""
     from safetensors.torch import save_file
     path = Path(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({SIMILARITY_KEY: sims.float().contiguous()}, str(path), metadata=dict(meta))
     return path
