@@ -387,9 +387,11 @@ def test_a_calibration_is_cached_and_gates_bench_and_eval_by_default(tiny_dir, t
              "--bandwidth-mib", "0"]
     code, stdout, _ = _cli(bench, capsys)
     assert code == 0 and json.loads(stdout)["gate"] is None                    # no calibration yet: ungated
-    code, stdout, _ = _cli([*bench, "--calibrate"], capsys)
+    code, stdout, _ = _cli([*bench, "--calibrate", "--out", str(tmp_path / "cal")], capsys)
     cached = cache_path("hf", str(tiny_dir), 1)
-    assert code == 0 and json.loads(stdout)["calibration_files"] == [str(cached)] and cached.is_file()
+    summary = json.loads(stdout)
+    assert code == 0 and summary["calibration_files"] == [str(cached)] and cached.is_file()
+    assert len(summary["fit"]) == 2 * 3 and (tmp_path / "cal" / "fit.png").stat().st_size > 0   # B 1, 4 x native, n=4, 8
     code, stdout, _ = _cli([*bench, "--policy", "oea:k0=1"], capsys)
     assert code == 0 and json.loads(stdout)["gate"] == str(cached)             # the cache gates by default
     code, stdout, _ = _cli([*bench, "--policy", "oea:k0=1", "--no-gate"], capsys)

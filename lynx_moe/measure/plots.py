@@ -187,3 +187,27 @@ def frontier_plot(rows: list[dict], path: Path, title: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def cost_model_fit(fit: list[dict], path: Path, title: str = "") -> Path:
+    """Measured against predicted ms per decode step (``lynx bench --calibrate``'s ``fit`` rows),
+    one colour per batch size; on the diagonal the model is exact."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    top = max(max(f["ms"], f["predicted_ms"]) for f in fit) * 1.08
+    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls="--")
+    for i, B in enumerate(sorted({f["batch"] for f in fit})):
+        pts = [f for f in fit if f["batch"] == B]
+        ax.scatter([f["predicted_ms"] for f in pts], [f["ms"] for f in pts], color=f"C{i % 10}", s=22,
+                   label=f"batch {B}")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("predicted ms per decode step")
+    ax.set_ylabel("measured ms per decode step")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
