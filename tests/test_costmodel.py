@@ -25,6 +25,24 @@ def test_fit_recovers_a_known_model():
     assert got.compute_floor(32) == pytest.approx(64.0, rel=1e-2)
 
 
+def test_fit_picks_the_form_that_fits_and_a_sum_model_has_no_floor():
+    """Timings where loads and FLOPs add up (vLLM's CPU kernel on one thread) get the "sum"
+    form; roofline timings keep "max". Under "sum" every expert removed pays, at any batch."""
+    true = CostModel(per_expert_ms=3.9, per_row_ms=29.3, fixed_ms=3.3, form="sum")
+    points = [(R, D, true.predict(R, D)) for R in (8, 16, 32) for D in (10, 18, 33)]
+    got = fit(points)
+    assert got.form == "sum" and got.per_expert_ms == pytest.approx(3.9, rel=1e-6)
+    assert got.per_row_ms == pytest.approx(29.3, rel=1e-6) and got.fixed_ms == pytest.approx(3.3, abs=1e-6)
+    roofline = CostModel(per_expert_ms=4.0, per_row_ms=8.0, fixed_ms=10.0)
+    assert fit([(R, D, roofline.predict(R, D)) for R in (8, 32) for D in (8, 16, 24, 34, 47)]).form == "max"
+    assert got.compute_floor(32) == 0.0 and got.at_floor(lynx.XShare(8, 1), 32) == lynx.XShare(8, 1)
+    rows = torch.tensor([32.0])
+    assert bool(got.pays(rows, torch.tensor([47.0]), torch.tensor([10.0])))       # 1121 vs 977 ms
+    assert not bool(got.pays(rows, torch.tensor([47.0]), torch.tensor([45.0])))   # 8 ms: under 3 %
+    with pytest.raises(ValueError, match="form must be 'max' or 'sum'"):
+        CostModel(1.0, 1.0, form="min")
+
+
 def test_bad_models_and_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="per_row_ms must be a finite number >= 0"):
         CostModel(per_expert_ms=1.0, per_row_ms=-1.0)
@@ -37,6 +55,10 @@ def test_bad_models_and_files_are_refused(tmp_path):
     good = tmp_path / "good.json"
     COMPUTE_BOUND.save(good)
     assert load_cost_model(good) == COMPUTE_BOUND
+    old = json.loads(good.read_text())
+    del old["cost_model"]["form"]                     # a file from before the "sum" form: the roofline
+    good.write_text(json.dumps(old))
+    assert load_cost_model(good).form == "max"
 
 
 def test_pays_is_tensor_code():

@@ -155,9 +155,7 @@ def _finish_calibration(args: argparse.Namespace, summary: dict, engine: str, ou
                        "ms": r["ms_per_step"], "predicted_ms": round(model.predict(r["batch"], r["distinct_mean"]), 2)}
                       for r in rows]
     if not args.json_only:
-        print(f"cost model ({', '.join(summary['calibration_files'])}): ms/step = {model.fixed_ms:.1f} + max({model.per_expert_ms:.2f} x "
-              f"distinct, {model.per_row_ms:.2f} x rows); compute floor at batch B = {model.per_row_ms / model.per_expert_ms:.2f} x B "
-              f"experts" if model.per_expert_ms else "cost model: no measurable per-expert cost")
+        print(f"cost model ({', '.join(summary['calibration_files'])}): {model}")
         for f in summary["fit"]:
             print(f"  B {f['batch']:>3} {f['policy'][:30]:<30} distinct {f['distinct']:>6.1f} measured {f['ms']:>8.1f} "
                   f"predicted {f['predicted_ms']:>8.1f}")
