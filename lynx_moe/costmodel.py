@@ -123,7 +123,7 @@ def fit(points: list[tuple[float, float, float]], *, min_gain: float = 0.03, sou
     roofline, additive = _fit_max(R, D, ms), _fit_sum(R, D, ms)
 
     def err(m: CostModel) -> float:
-        return float(((m.predict(torch.from_numpy(R), torch.from_numpy(D)).numpy() - ms) ** 2).sum())
+        return sum((m.predict(r, d) - t) ** 2 for r, d, t in points)
     best = additive if err(additive) < err(roofline) else roofline
     return dataclasses.replace(best, min_gain=min_gain, source=source)
 

@@ -129,6 +129,6 @@ def save_similarity(path: str | Path, sims: torch.Tensor, meta: dict[str, str]) 
     """Write ``sims [L, E, E]`` and string metadata as a safetensors similarity file."""
     from safetensors.torch import save_file
     path = Path(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({SIMILARITY_KEY: sims.float().contiguous()}, str(path), metadata=dict(meta))
     return path
