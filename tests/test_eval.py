@@ -251,6 +251,18 @@ def test_eval_cli_unknown_task_and_top_k(tiny_dir, capsys):
     assert code == 2 and "static_k" in err
 
 
+def test_eval_cli_takes_preset_as_a_policy(tiny_dir, capsys):
+    from lynx_moe.integrations.hf import moe_shape
+    from lynx_moe.measure.models import load_model
+    from lynx_moe.presets import for_shape
+    _, preset = for_shape(*moe_shape(load_model(tiny_dir)[0]))
+    code, stdout, err = _cli(["eval", "--model", str(tiny_dir), "--policy", "preset", "--policy", "oea:k0=1",
+                              "--tasks", "none", "--batch-size", "4", "--ppl-rows", "2", "--ppl-tokens", "4",
+                              "--prefix", "4", "--gen-prompts", "0", "--json-only"], capsys)
+    assert code == 0, err
+    assert [r["policy"] for r in json.loads(stdout)["results"]] == ["native", str(preset), "oea:k0=1"]
+
+
 def test_eval_cli_sweep_writes_json_and_plot(tiny_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     code, stdout, err = _cli(["eval", "--model", str(tiny_dir), "--sweep", "oea:k0=1|2", "--tasks", "tiny_mc",
@@ -412,10 +424,14 @@ def test_a_calibration_is_cached_and_gates_bench_and_eval_by_default(tiny_dir, t
 def test_frontier_sweeps_each_family_at_each_batch_size(tiny_dir, tmp_path, capsys):
     from .cli_helpers import run_cli as _cli
     out = tmp_path / "fr"
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"default": "per_layer(oea:k0=1;topk)"}))
     code, stdout, _ = _cli(["frontier", "--model", str(tiny_dir), "--batch-sizes", "2,4", "--families", "oea,static_k",
-                            "--ppl-per-domain", "1", "--out", str(out), "--json-only"], capsys)
+                            "--policy-file", str(tuned), "--ppl-per-domain", "1", "--out", str(out), "--json-only"],
+                           capsys)
     assert code == 0
     rows = json.loads(stdout)["rows"]
+    assert [r["policy"] for r in rows if r["family"] == "tuned"] == ["per_layer(oea:k0=1;topk)"] * 2
     K = 4   # the tiny model's top-k
     assert [(r["batch"], r["policy"]) for r in rows if r["family"] == "native"] == [(2, "native"), (4, "native")]
     assert [r["policy"] for r in rows if r["batch"] == 4 and r["family"] == "oea"] == [f"oea:k0={k}" for k in (3, 2, 1)]
@@ -425,3 +441,6 @@ def test_frontier_sweeps_each_family_at_each_batch_size(tiny_dir, tmp_path, caps
     assert (out / "frontier.png").stat().st_size > 0 and (out / "frontier.json").is_file()
     code, _, stderr = _cli(["frontier", "--model", str(tiny_dir), "--families", "nope", "--out", str(out)], capsys)
     assert code == 2 and "--families: unknown ['nope']" in stderr
+    tuned.write_text(json.dumps({"default": "per_layer(oea:k0=1;topk;topk)"}))
+    code, _, stderr = _cli(["frontier", "--model", str(tiny_dir), "--policy-file", str(tuned), "--out", str(out)], capsys)
+    assert code == 2 and f"--policy-file {tuned}" in stderr and "MoE layers" in stderr

@@ -56,6 +56,17 @@ def test_pick_per_layer_is_the_best_combination_within_the_budget():
     assert [r["policy"] for r in frontier(rows)] == ["a", "c"]
 
 
+def test_ppl_per_kl_is_the_slope_through_the_origin():
+    from lynx_moe.measure.tune import ppl_per_kl
+    rows = [{"kl": 0.001, "ppl_delta_pct": 0.1}, {"kl": 0.002, "ppl_delta_pct": 0.2},
+            {"kl": 0.0, "ppl_delta_pct": 0.0}]
+    assert abs(ppl_per_kl(rows) - 100.0) < 1e-9
+    # (1 * 0.15 + 2 * 0.2) / (1 + 4) per 0.001 nat: the least-squares slope, not the mean ratio
+    rows[0]["ppl_delta_pct"] = 0.15
+    assert abs(ppl_per_kl(rows) - 110.0) < 1e-9
+    assert ppl_per_kl([{"kl": 0.0, "ppl_delta_pct": 0.3}]) == 0.0
+
+
 def test_a_per_layer_policy_file_loads_in_hf_and_in_the_vllm_settings(tmp_path):
     policy = lynx.parse_policy("per_layer(oea:k0=2;batch_top_n:n=8)")
     path = tmp_path / "lynx.json"

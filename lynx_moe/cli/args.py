@@ -13,18 +13,32 @@ import torch
 
 from . import UsageError
 
-__all__ = ["policy_arg", "positive_ints", "add_model", "add_data", "add_policies", "add_threads", "add_json_only",
+__all__ = ["PRESET", "policy_arg", "resolve_policies", "positive_ints", "add_model", "add_data", "add_policies", "add_threads", "add_json_only",
            "add_count", "set_threads", "check_counts", "writable_dir", "progress_bar", "add_passthrough",
            "run_passthrough", "tool_main"]
 
 
+PRESET = "preset"   # as in lynx serve / LYNX_POLICY: the authors' preset for the model's shape
+
+
 def policy_arg(spec: str):
-    """argparse ``type=`` for policy specs: a bad spec is an argparse error (exit 2)."""
+    """argparse ``type=`` for policy specs: a bad spec is an argparse error (exit 2).
+    ``preset`` stays a string until the model's shape is known (``resolve_policies``)."""
     from ..policies import parse_policy
+    if spec.strip() == PRESET:
+        return PRESET
     try:
         return parse_policy(spec)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def resolve_policies(policies: list | None, experts: int, top_k: int) -> list | None:
+    """``--policy`` values with ``preset`` replaced by the authors' preset for this shape."""
+    if policies is None:
+        return None
+    from ..presets import for_shape
+    return [for_shape(experts, top_k)[1] if p == PRESET else p for p in policies]
 
 
 def positive_ints(text: str) -> list[int]:
@@ -50,8 +64,8 @@ def add_data(parser: argparse.ArgumentParser) -> None:
 
 
 def add_policies(parser: argparse.ArgumentParser,
-                 what: str = "policy spec to compare with native (repeatable; default: the authors' "
-                             "AffinityBinning preset for the model's shape)") -> None:
+                 what: str = "policy spec to compare with native (repeatable; 'preset': the authors' "
+                             "AffinityBinning preset for the model's shape, the default)") -> None:
     parser.add_argument("--policy", type=policy_arg, action="append", default=None, metavar="SPEC", help=what)
 
 

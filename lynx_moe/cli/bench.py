@@ -50,7 +50,7 @@ from ..measure.speed import decode_speed, model_inputs, shape_inputs
 from ..presets import for_shape
 from . import UsageError
 from .args import (add_count, add_data, add_gate, add_json_only, add_model, add_policies, add_threads, check_counts,
-                   positive_ints, progress_bar, set_threads, writable_dir)
+                   positive_ints, progress_bar, resolve_policies, set_threads, writable_dir)
 
 __all__ = ["add_arguments", "run"]
 
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     if args.calibrate is not None:
         policies = _calibration_policies(*moe_shape(model))
     else:
-        policies = [p for p in (args.policy or [preset]) if p.kind != "native"]
+        policies = [p for p in (resolve_policies(args.policy, *moe_shape(model)) or [preset]) if p.kind != "native"]
     check_policies(model, policies)   # fails early on an unsupported model or top_k
     setup_s = time.perf_counter() - t0
     if not args.json_only:

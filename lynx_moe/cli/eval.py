@@ -46,7 +46,7 @@ from ..measure.speed import speed_on_text
 from ..presets import for_shape
 from . import UsageError
 from .args import (add_count, add_data, add_gate, add_json_only, add_model, add_policies, add_threads,
-                   check_counts, progress_bar, set_threads, writable_dir)
+                   check_counts, progress_bar, resolve_policies, set_threads, writable_dir)
 
 __all__ = ["add_arguments", "run", "format_table"]
 
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                                                        [t.strip() for t in args.tasks.split(",") if t.strip()])
     E, K = moe_shape(model)
     preset_name, preset = for_shape(E, K)
-    policies = list(args.policy or ([] if sweep else [preset])) + sweep
+    policies = list(resolve_policies(args.policy, E, K) or ([] if sweep else [preset])) + sweep
     check_policies(model, policies)
     if cfg.ppl_per_domain == 0 and not tasks:
         raise UsageError("nothing to evaluate: --ppl-rows 0 and --tasks none")

@@ -3,11 +3,13 @@ text that ``lynx tune`` never searches (``lynx_moe.measure.frontier``).
 
     lynx frontier --out reports/frontier-ref                  # the reference model, batch 8,16,32,64
     lynx frontier --model PATH --batch-sizes 32 --families oea,xshare,sere --out DIR
+    lynx frontier --batch-sizes 32 --policy-file runs/tune32.json --out DIR   # a tuned file beside the peers
 
 Prints one table per batch size (distinct experts saved, perplexity change with its paired 95 %
 interval, KL to native), writes ``DIR/frontier.json`` and ``DIR/frontier.png`` (one panel per
 batch size, one line per policy) and ends with one JSON line. SERE is included when the model
-folder holds ``sere/similarity.safetensors`` (``lynx similarity``).
+folder holds ``sere/similarity.safetensors`` (``lynx similarity``); ``--policy-file`` adds the
+policy of a ``lynx tune`` file (family ``tuned``), measured on the same rows as the peers.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from ..integrations.hf import moe_shape
 from ..measure.data import default_data, load_texts
 from ..measure.frontier import families_for, frontier
 from ..measure.models import load_model
-from ..measure.quality import EvalConfig
+from ..measure.quality import EvalConfig, check_policies
 from ..measure.similarity import default_path
+from ..policies import Policy, load_policy
 from . import UsageError
 from .args import (add_data, add_json_only, add_model, add_threads, positive_ints, progress_bar, set_threads,
                    writable_dir)
@@ -36,11 +39,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode rows per step (default 8,16,32,64)")
     parser.add_argument("--families", default=None, metavar="NAMES",
                         help="comma-separated policy families (default: all; see lynx_moe.measure.frontier)")
+    parser.add_argument("--policy-file", type=Path, action="append", default=None, metavar="FILE",
+                        help="also measure the policy of this file (lynx tune --out; repeatable): family 'tuned'")
     parser.add_argument("--ppl-per-domain", type=int, default=8, metavar="N",
                         help="held-out rows per domain, from the test split (default 8)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="write frontier.json and frontier.png")
     add_threads(parser)
     add_json_only(parser)
+
+
+def _load(model, path: Path) -> Policy:
+    """The policy of a tuned file, checked against the model before anything is measured."""
+    try:
+        policy = load_policy(path)
+        check_policies(model, [policy])
+    except ValueError as e:
+        raise UsageError(f"--policy-file {path}: {e}") from None
+    return policy
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         if unknown or not wanted:
             raise UsageError(f"--families: unknown {unknown or wanted}; known: {', '.join(families)}")
         families = {f: families[f] for f in wanted}
+    if args.policy_file:
+        families["tuned"] = [_load(model, f) for f in args.policy_file]
     texts = load_texts(args.data or [default_data(Path(args.model))])
     cfg = EvalConfig(ppl_per_domain=args.ppl_per_domain, gen_prompts=0)
     rows = frontier(model, tokenizer, texts, families, args.batch_sizes, cfg,
@@ -74,10 +91,11 @@ def run(args: argparse.Namespace) -> int:
     summary["plot"] = str(frontier_plot(rows, out / "frontier.png",
                                         f"{Path(args.model).name}: each policy's knob, test split"))
     if not args.json_only:
+        w = max(40, *(len(r["policy"]) for r in rows))   # whole specs (SERE's carry a path)
         for B in args.batch_sizes:
-            print(f"\nbatch {B}:\n  {'policy':<60} {'saved':>6} {'distinct':>8} {'ppl change % [95% CI]':>26} {'KL':>7}")
+            print(f"\nbatch {B}:\n  {'policy':<{w}} {'saved':>6} {'distinct':>8} {'ppl change % [95% CI]':>26} {'KL':>7}")
             for r in (r for r in rows if r["batch"] == B):
-                print(f"  {r['policy'][:60]:<60} {100 * r['saved']:>5.1f}% {r['distinct']:>8.1f} "
+                print(f"  {r['policy']:<{w}} {100 * r['saved']:>5.1f}% {r['distinct']:>8.1f} "
                       f"{r['ppl_delta_pct']:>+8.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] {r['kl']:>7.4f}")
         print(f"wrote {out / 'frontier.json'}, {summary['plot']}")
     print(json.dumps(summary))

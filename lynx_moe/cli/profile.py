@@ -35,7 +35,7 @@ from ..measure.models import load_model
 from ..measure.profile import profile_stats
 from ..presets import for_shape
 from .args import (add_count, add_data, add_json_only, add_model, add_policies, add_threads, check_counts,
-                   positive_ints, set_threads, writable_dir)
+                   positive_ints, resolve_policies, set_threads, writable_dir)
 
 __all__ = ["add_arguments", "run"]
 
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     logits, ids = record_routing(model, tokens, args.prompt_len)
     E, K = moe_shape(model)
     preset_name, preset = for_shape(E, K)
-    policies = args.policy if args.policy is not None else [preset]
+    policies = resolve_policies(args.policy, E, K) or [preset]
     policies = [p for p in policies if p.kind != "native"]
     if policies and "deepseek" in str(getattr(model.config, "model_type", "")):
         # The offline count routes with softmax scoring; DeepSeek's grouped, biased sigmoid

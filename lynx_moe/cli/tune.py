@@ -17,13 +17,14 @@ import argparse
 import json
 from pathlib import Path
 
+from ..integrations.hf import moe_shape
 from ..measure.data import default_data, load_texts
 from ..measure.models import load_model
 from ..measure.quality import EvalConfig
 from ..measure.tune import tune
 from . import UsageError
-from .args import (add_data, add_json_only, add_model, add_policies, add_threads, progress_bar, set_threads,
-                   writable_dir)
+from .args import (add_data, add_json_only, add_model, add_policies, add_threads, progress_bar, resolve_policies,
+                   set_threads, writable_dir)
 
 __all__ = ["add_arguments", "run"]
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     texts = load_texts(args.data or [default_data(args.model)])
     cfg = EvalConfig(batch_size=args.batch_size, ppl_per_domain=args.ppl_per_domain, gen_prompts=0)
     result = tune(model, tokenizer, texts, batch_size=args.batch_size, max_ppl_increase=args.max_ppl_increase,
-                  cfg=cfg, candidates=args.policy, progress=progress_bar("tune", not args.json_only),
+                  cfg=cfg, candidates=resolve_policies(args.policy, *moe_shape(model)), progress=progress_bar("tune", not args.json_only),
                   per_layer=not args.one_policy)
     result["model"] = str(args.model)
     if not args.json_only:
@@ -70,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['policy'][:40]:<40} {100 * r['saved']:>5.1f}% {r['distinct']:>8.1f} "
                   f"{r['ppl_delta_pct']:>+8.3f} [{r['ppl_delta_lo']:+.3f}, {r['ppl_delta_hi']:+.3f}]{mark}")
         if result["per_layer"]:
-            print("\nper layer, each setting on one layer alone (calibration split):")
+            print("\nper layer, each setting on one layer alone (calibration split; the knapsack's cost is "
+                  "ppl-per-KL x KL):")
             for r in result["per_layer"]:
                 print(f"  layer {r['layer']:<3d} {r['policy'][:40]:<40} {100 * r['saved']:>5.1f}% of the layer's experts "
-                      f"{r['ppl_delta_pct']:>+8.3f} %")
+                      f"{r['ppl_delta_pct']:>+8.3f} %  KL {r['kl']:.5f}  cost {r['cost_pct']:+.3f} %")
     if result["winner"] is None:
         print(json.dumps(result))
         raise UsageError(result["reason"])
