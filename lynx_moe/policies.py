@@ -3,7 +3,7 @@
 A policy is only configuration. Each one answers a single question about one MoE layer in
 one forward pass, given the rows that vote (valid decode rows):
 
-- set policies (``AffinityBinning``, ``Confidence``, ``BatchTopN``, ``OEA``, ``XShare``)
+- set policies (``AffinityBinning``, ``Confidence``, ``BatchTopN``, ``OEA``, ``MassFloor``, ``XShare``)
   return ``keep[E]``, the experts this step may use; ``routing.route`` then sends every
   voting row to its best experts inside that set;
 - row policies (``StaticK``, ``SER``) return how many of its native top-k experts each row
@@ -37,7 +37,7 @@ import torch
 
 __all__ = [
     "Policy", "TopK", "AffinityBinning", "Confidence", "StaticK", "SER", "BatchTopN",
-    "OEA", "XShare", "SERE", "PerLayer", "POLICIES", "policy_from_dict", "parse_policy", "load_policy",
+    "OEA", "MassFloor", "XShare", "SERE", "PerLayer", "POLICIES", "policy_from_dict", "parse_policy", "load_policy",
     "read_similarity", "SIMILARITY_KEY",
 ]
 
@@ -290,6 +290,27 @@ class OEA(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
+class MassFloor(Policy):
+    """Ours: each voting row keeps the fewest of its native experts whose weights add up to at
+    least ``mass`` of its native top-k weight (at least one); the other slots are filled with
+    experts the batch already uses (as in OEA). A confident row keeps one or two experts, a
+    flat one most of its top-k: the weight a row can lose is bounded, not its expert count."""
+
+    name: ClassVar[str] = "mass_floor"
+    kind: ClassVar[str] = "set"
+    mass: float = 0.6
+
+    def __post_init__(self) -> None:
+        _check(_is_num(self.mass) and 0 < self.mass <= 1, "mass", f"must be a number in (0, 1], got {self.mass!r}")
+
+    def keep(self, step: Step) -> torch.Tensor:
+        w = step.native_w
+        before = (w.cumsum(dim=-1) - w) / w.sum(dim=-1, keepdim=True).clamp_min(1e-30)   # [T, K] mass of earlier slots
+        counts = (before < self.mass).sum(dim=-1).clamp_min(1)
+        return _expand(step, _rows_first(step, counts))
+
+
+@dataclasses.dataclass(frozen=True)
 class XShare(Policy):
     """XShare (arXiv 2602.07265): a shared set of at most ``budget`` experts maximising the
     batch's native gate mass, always containing each voting row's top ``k0``. If those alone
@@ -473,7 +494,7 @@ class PerLayer(Policy):
 
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (TopK, AffinityBinning, Confidence, StaticK, SER, BatchTopN, OEA, XShare, SERE,
+    cls.name: cls for cls in (TopK, AffinityBinning, Confidence, StaticK, SER, BatchTopN, OEA, MassFloor, XShare, SERE,
                               PerLayer)
 }
 

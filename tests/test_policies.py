@@ -11,7 +11,7 @@ import lynx_moe as lynx
 
 EVERY_POLICY = [lynx.TopK(), lynx.AffinityBinning(3.0, 2), lynx.AffinityBinning(1.0, None, protect_top1=True),
                 lynx.Confidence(1, 0.5), lynx.StaticK(4), lynx.SER(2, 0.3), lynx.BatchTopN(16),
-                lynx.OEA(2), lynx.XShare(16, 1), lynx.SERE(2, 0.3, "models/m/sere/similarity.safetensors"),
+                lynx.OEA(2), lynx.MassFloor(0.7), lynx.XShare(16, 1), lynx.SERE(2, 0.3, "models/m/sere/similarity.safetensors"),
                 lynx.SERE(1, -0.5),
                 lynx.PerLayer((lynx.AffinityBinning(3.0, 4), lynx.TopK(), lynx.OEA(3)))]
 
@@ -42,6 +42,8 @@ def test_parse_examples():
     (lambda: lynx.SER(threshold=1.5), "threshold"),
     (lambda: lynx.BatchTopN(0), "n"),
     (lambda: lynx.OEA(0), "k0"),
+    (lambda: lynx.MassFloor(0.0), "mass"),
+    (lambda: lynx.MassFloor(1.5), "mass"),
     (lambda: lynx.XShare(budget=0), "budget"),
     (lambda: lynx.XShare(k0=True), "k0"),
     (lambda: lynx.SERE(top_s=0), "top_s"),

@@ -12,7 +12,7 @@ import lynx_moe as lynx
 
 from . import reference_lynx
 
-SET_POLICIES = ["affinity_binning", "confidence", "batch_top_n", "oea", "xshare"]
+SET_POLICIES = ["affinity_binning", "confidence", "batch_top_n", "oea", "mass_floor", "xshare"]
 
 
 @st.composite
@@ -63,6 +63,8 @@ def policies(draw, top_k: int, experts: int):
         return lynx.BatchTopN(draw(st.integers(top_k, 20)))
     if name == "oea":
         return lynx.OEA(draw(st.integers(1, top_k)))
+    if name == "mass_floor":
+        return lynx.MassFloor(draw(st.sampled_from([0.1, 0.5, 0.7, 1.0])))
     if name == "xshare":
         return lynx.XShare(draw(st.integers(top_k, 20)), draw(st.integers(1, top_k)))
     return lynx.TopK()
@@ -305,6 +307,18 @@ def test_grouped_sigmoid_routing_matches_deepseek_v3_reference():
         assert torch.equal(r.ids, pids) and torch.equal(r.weights, pw)
 
 
+def test_mass_floor_worked_example():
+    """Top-3 of 5 experts, mass=0.7: row 0 (weights .8/.1/.1) reaches 0.7 with its top-1 and
+    keeps expert 0 only; row 1 (.4/.35/.25) needs its top-2 {3, 4}. The kept set is {0, 3, 4}:
+    row 0 fills its other slots with 3 and 4, row 1 its third slot with 0."""
+    w = torch.tensor([[0.8, 0.1, 0.1, 0.0, 0.0], [0.0, 0.0, 0.25, 0.4, 0.35]])
+    L = torch.where(w > 0, w.log(), torch.tensor(-20.0))
+    r = lynx.route(L, 3, lynx.MassFloor(0.7))
+    assert sorted(set(r.ids.flatten().tolist())) == [0, 3, 4]
+    assert r.ids[0, 0] == 0 and r.ids[1, :2].tolist() == [3, 4]
+    assert torch.equal(lynx.route(L, 3, lynx.MassFloor(1.0)).ids, lynx.route(L, 3, lynx.TopK()).ids)
+
+
 def test_sere_worked_example():
     """Three rows, top-2 of 6 experts, top_s=1: the primaries are the rows' top-1s {0, 3, 5}.
     Row 0's secondary 1 is most similar to primary 3 (0.9 >= rho) and moves there with its
@@ -360,7 +374,8 @@ def test_distinct_and_changed():
 
 @pytest.mark.parametrize("policy", [lynx.TopK(), lynx.AffinityBinning(3.0, 2), lynx.Confidence(),
                                     lynx.StaticK(2), lynx.SER(2, 0.5), lynx.BatchTopN(8),
-                                    lynx.OEA(2), lynx.XShare(8, 1), lynx.SERE(2, 0.2).bound(similarity(64, 0))],
+                                    lynx.OEA(2), lynx.MassFloor(0.7), lynx.XShare(8, 1),
+                                    lynx.SERE(2, 0.2).bound(similarity(64, 0))],
                          ids=str)
 def test_compiles_fullgraph_without_host_sync(policy):
     """fullgraph=True fails on any graph break: .item(), data-sized nonzero(), Python loops

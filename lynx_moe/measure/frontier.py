@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..policies import OEA, SERE, AffinityBinning, Confidence, Policy, StaticK, XShare
+from ..policies import OEA, SERE, AffinityBinning, Confidence, MassFloor, Policy, StaticK, XShare
 from .quality import EvalConfig, evaluate
 from .tune import split_texts
 
@@ -27,6 +27,7 @@ def families_for(experts: int, top_k: int, similarity: str | Path | None = None)
         "affinity_binning": [AffinityBinning(3.0, b) for b in (4, 3, 2, 1)],
         "confidence": [Confidence(1, 1.0), Confidence(1, 0.5), Confidence(0, 1.0), Confidence(0, 0.5)],
         "oea": [OEA(k0) for k0 in range(top_k - 1, 0, -1)],
+        "mass_floor": [MassFloor(m) for m in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)],
         "xshare": [XShare(n, 1) for n in sorted({int(experts * f) for f in (0.75, 0.625, 0.5, 0.375, 0.25)},
                                                  reverse=True) if top_k <= n < experts],
         "static_k": [StaticK(k) for k in range(top_k - 1, 0, -1)],
