@@ -426,12 +426,16 @@ def test_frontier_sweeps_each_family_at_each_batch_size(tiny_dir, tmp_path, caps
     out = tmp_path / "fr"
     tuned = tmp_path / "tuned.json"
     tuned.write_text(json.dumps({"default": "per_layer(oea:k0=1;topk)"}))
+    same = tmp_path / "same.json"                 # a tuned file equal to a peer's setting: listed under both
+    same.write_text(json.dumps({"default": "oea:k0=2"}))
     code, stdout, _ = _cli(["frontier", "--model", str(tiny_dir), "--batch-sizes", "2,4", "--families", "oea,static_k",
-                            "--policy-file", str(tuned), "--ppl-per-domain", "1", "--out", str(out), "--json-only"],
-                           capsys)
+                            "--policy-file", str(tuned), "--policy-file", str(same), "--ppl-per-domain", "1",
+                            "--out", str(out), "--json-only"], capsys)
     assert code == 0
     rows = json.loads(stdout)["rows"]
-    assert [r["policy"] for r in rows if r["family"] == "tuned"] == ["per_layer(oea:k0=1;topk)"] * 2
+    assert [r["policy"] for r in rows if r["family"] == "tuned"] == ["per_layer(oea:k0=1;topk)", "oea:k0=2"] * 2
+    twice = [r for r in rows if r["batch"] == 4 and r["policy"] == "oea:k0=2"]
+    assert [r["family"] for r in twice] == ["oea", "tuned"] and twice[0]["kl"] == twice[1]["kl"]
     K = 4   # the tiny model's top-k
     assert [(r["batch"], r["policy"]) for r in rows if r["family"] == "native"] == [(2, "native"), (4, "native")]
     assert [r["policy"] for r in rows if r["batch"] == 4 and r["family"] == "oea"] == [f"oea:k0={k}" for k in (3, 2, 1)]
