@@ -15,8 +15,8 @@ the reference runs, so the reference stays both the specification and the fallba
 - ``LYNX_FUSED=0`` in the environment forces the reference everywhere (read on every call).
 
 Decisions are the reference's, bit for bit (native and final ids, kept sets and, on the CPU,
-weights); see ``csrc/inside.cpp`` for how. Every policy but TopK (native routing itself) is
-fused on the CPU, except AffinityBinning with ``beta > 6``; on CUDA see
+weights); see ``csrc/inside.cpp`` for how. Every policy but TopK (native routing itself),
+SERE and MassFloor is fused on the CPU, except AffinityBinning with ``beta > 6``; on CUDA see
 ``triton_kernels.py``. Calls that need gradients stay on the reference (the fused weights
 carry none).
 
