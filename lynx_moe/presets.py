@@ -11,7 +11,9 @@ from typing import NamedTuple
 
 from .policies import AffinityBinning
 
-__all__ = ["Preset", "PRESETS", "for_shape"]
+__all__ = ["PRESET", "Preset", "PRESETS", "for_shape"]
+
+PRESET = "preset"   # a policy spec meaning "the authors' preset for this layer's shape" (CLIs, LYNX_POLICY)
 
 
 class Preset(NamedTuple):

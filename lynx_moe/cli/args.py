@@ -11,14 +11,12 @@ from pathlib import Path
 
 import torch
 
+from ..presets import PRESET, for_shape
 from . import UsageError
 
-__all__ = ["PRESET", "policy_arg", "resolve_policies", "positive_ints", "add_model", "add_data", "add_policies", "add_threads", "add_json_only",
-           "add_count", "set_threads", "check_counts", "writable_dir", "progress_bar", "add_passthrough",
+__all__ = ["policy_arg", "resolve_policies", "positive_ints", "add_model", "add_data", "add_policies", "add_threads",
+           "add_json_only", "add_count", "set_threads", "check_counts", "writable_dir", "progress_bar", "add_passthrough",
            "run_passthrough", "tool_main"]
-
-
-PRESET = "preset"   # as in lynx serve / LYNX_POLICY: the authors' preset for the model's shape
 
 
 def policy_arg(spec: str):
@@ -37,7 +35,6 @@ def resolve_policies(policies: list | None, experts: int, top_k: int) -> list | 
     """``--policy`` values with ``preset`` replaced by the authors' preset for this shape."""
     if policies is None:
         return None
-    from ..presets import for_shape
     return [for_shape(experts, top_k)[1] if p == PRESET else p for p in policies]
 
 

@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         args.model = reference_model_path()
     texts = load_texts(args.data or [default_data(args.model)])
     cfg = EvalConfig(batch_size=args.batch_size, ppl_per_domain=args.ppl_per_domain, gen_prompts=0)
+    candidates = resolve_policies(args.policy, *moe_shape(model))
     result = tune(model, tokenizer, texts, batch_size=args.batch_size, max_ppl_increase=args.max_ppl_increase,
-                  cfg=cfg, candidates=resolve_policies(args.policy, *moe_shape(model)), progress=progress_bar("tune", not args.json_only),
+                  cfg=cfg, candidates=candidates, progress=progress_bar("tune", not args.json_only),
                   per_layer=not args.one_policy)
     result["model"] = str(args.model)
     if not args.json_only:

@@ -62,7 +62,7 @@ import torch
 
 from ..costmodel import CostModel, load_cost_model
 from ..policies import Policy, TopK, parse_policy, policy_from_dict
-from ..presets import for_shape
+from ..presets import PRESET, for_shape
 from ..routing import distinct_experts, route
 from .hf import config_moe_layers, config_moe_shape
 
@@ -70,7 +70,6 @@ __all__ = ["PRESET", "REQUEST_KEY", "SUPPORTED_VLLM", "Settings", "check_request
            "parse_spec", "register", "reroute", "set_policy", "stats", "step_rows"]
 
 SUPPORTED_VLLM = ("0.32.",)
-PRESET = "preset"   # a spec meaning "the authors' preset for this layer's shape"
 _ENV_POLICY, _ENV_FILE, _ENV_EVERY, _ENV_DEFAULT = "LYNX_POLICY", "LYNX_POLICY_FILE", "LYNX_STATS_EVERY", "LYNX_DEFAULT"
 _ENV_GATE = "LYNX_GATE_FILE"
 REQUEST_KEY, REQUEST_VALUES = "lynx", ("on", "off")   # SamplingParams.extra_args["lynx"]

@@ -102,8 +102,8 @@ def pick_per_layer(options: list[list[tuple[float, float]]], budget: float, step
 def _per_layer(model, tokenizer, calib, ladder: list[Policy], budget: float, slope: float, cfg,
                progress) -> tuple[dict | None, list]:
     """Search one setting per layer (see the module docstring; a setting's cost is ``slope`` x
-    its KL, its measured perplexity change if ``slope`` is 0); returns the best combination that fits (a calibration row with ``spec``) and the
-    single-layer table."""
+    its KL, its measured perplexity change if ``slope`` is 0); returns the best combination
+    that fits (a calibration row with ``spec``) and the single-layer table."""
     L = len(hf.moe_layers(model))
     alone = [PerLayer(tuple(p if j == i else TopK() for j in range(L))) for i in range(L) for p in ladder]
     res = evaluate(model, tokenizer, alone, calib, [], cfg, progress=progress)
