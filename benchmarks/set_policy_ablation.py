@@ -1,0 +1,241 @@
+"""Do better set choices or another weight rule move the quality frontier? Research policies
+beside OEA (the best peer at batch 32) and MassFloor (ours), on the test split that ``lynx
+frontier`` uses (docs/algorithms.md, section 4c, has the measured answer: no, within 2-3 points).
+
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python benchmarks/set_policy_ablation.py \
+        [--model DIR] [--batch-size 32] [--ppl-per-domain 16] [--variants price,fill_price,...]
+
+The variants, defined here and not in ``lynx_moe``: they loop over experts in Python with a
+host sync per iteration, fine for measuring quality, useless for serving.
+
+- ``price``: Lagrangian pruning. A row's loss is the fraction of its native top-k weight that
+  the kept set drops; starting from the native union, remove the expert whose removal adds the
+  least ``sum over rows of loss**p`` while that is under ``lam`` (and more than top-k remain). ``p = 1`` is XShare's modular
+  objective with a price instead of a budget; a larger ``p`` spreads the loss over rows.
+- ``fill_price``: the same, but a row's loss counts the replacement it gets: its native top-k
+  mass minus its top-k mass inside the kept set (routing fills a freed slot with the row's
+  best kept expert, so dropping a flat row's 8th choice costs little).
+- ``norm_scaled``: MassFloor and OEA on importance ``w * s_e`` instead of ``w``, where ``s_e``
+  is expert e's mean output norm on the tokens routed to it (calibration half of the held-out
+  text): router weight explains R^2 0.59-0.79 of a slot's log output norm, ``w * s_e`` 0.78-0.85.
+- ``native_weights``: OEA's and MassFloor's sets, but the kept native experts keep their native
+  weights and fillers get weight 0 (the routing contract fills freed slots and rescales to the
+  native mass instead).
+
+Prints one table (saved distinct experts, perplexity change with its paired 95 % interval, KL),
+each family's curve read at +0.5 % (linear between settings, from native), and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import ClassVar
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # after OMP_WAIT_POLICY
+
+from lynx_moe import reference_model_path
+from lynx_moe.integrations import hf
+from lynx_moe.measure.data import default_data, load_texts, token_batch
+from lynx_moe.measure.frontier import frontier
+from lynx_moe.measure.models import load_model
+from lynx_moe.measure.quality import EvalConfig
+from lynx_moe.measure.similarity import router_inputs
+from lynx_moe.measure.tune import split_texts
+from lynx_moe.policies import OEA, MassFloor, Policy, Step, TopK
+from lynx_moe.routing import Routing, route
+
+
+def _row_weights(step: Step) -> torch.Tensor:
+    """[T, E] float64: each voting row's native weights as fractions of its top-k weight."""
+    w = step.native_w / step.native_w.sum(-1, keepdim=True).clamp_min(1e-30)
+    if step.vote is not None:
+        w = w * step.vote[:, None]
+    return torch.zeros_like(step.logits, dtype=torch.float64).scatter(1, step.native_ids, w.double())
+
+
+@dataclasses.dataclass(frozen=True)
+class Price(Policy):
+    name: ClassVar[str] = "price"
+    kind: ClassVar[str] = "set"
+    lam: float = 0.002
+    p: float = 3.0
+
+    def keep(self, step: Step) -> torch.Tensor:
+        W = _row_weights(step)
+        keep, loss = W.sum(0) > 0, torch.zeros_like(W[:, 0])
+        for _ in range(W.shape[1]):
+            cost = ((loss[:, None] + W) ** self.p - loss[:, None] ** self.p).sum(0).masked_fill(~keep, torch.inf)
+            c, e = cost.min(0)
+            if float(c) > self.lam or int(keep.sum()) <= step.top_k:
+                break
+            keep[e], loss = False, loss + W[:, e]
+        return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class FillPrice(Policy):
+    name: ClassVar[str] = "fill_price"
+    kind: ClassVar[str] = "set"
+    lam: float = 0.005
+    p: float = 2.0
+
+    def keep(self, step: Step) -> torch.Tensor:   # softmax scoring (the two softmax reference models)
+        K = step.top_k
+        vote = torch.ones_like(step.logits[:, 0], dtype=torch.bool) if step.vote is None else step.vote
+        prob = torch.softmax(step.logits.double(), -1)
+        prob = prob / prob.gather(1, step.native_ids).sum(-1, keepdim=True)        # native top-k mass = 1
+        keep = _row_weights(step).sum(0) > 0
+        loss = torch.zeros_like(prob[:, 0])
+        for _ in range(prob.shape[1]):
+            inside = prob.masked_fill(~keep[None, :], -1.0)
+            top = inside.topk(K + 1, dim=-1)
+            spare = top.values[:, K].clamp_min(0)                                  # the best replacement
+            in_k = torch.zeros_like(keep[None, :].expand_as(prob)).scatter(1, top.indices[:, :K], True) & (inside >= 0)
+            new = loss[:, None] + in_k * (prob - spare[:, None]).clamp_min(0)       # [T, E]: loss without e
+            cost = ((new ** self.p - loss[:, None] ** self.p) * vote[:, None]).sum(0).masked_fill(~keep, torch.inf)
+            c, e = cost.min(0)
+            if float(c) > self.lam or int(keep.sum()) <= K:
+                break
+            keep[e], loss = False, new[:, e]
+        return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class NormScaled(Policy):
+    """``inner`` deciding on ``w * s_e`` (slots re-sorted by it); ``scales`` [L, E] is set by ``main``."""
+
+    name: ClassVar[str] = "norm_scaled"
+    kind: ClassVar[str] = "set"
+    inner: Policy = OEA(3)
+    scales: ClassVar[torch.Tensor | None] = None
+
+    def for_layer(self, index: int) -> Policy:
+        out = dataclasses.replace(self)
+        object.__setattr__(out, "_s", self.scales[index])
+        return out
+
+    def keep(self, step: Step) -> torch.Tensor:
+        imp = step.native_w * self._s[step.native_ids]
+        order = imp.argsort(dim=-1, descending=True, stable=True)
+        return self.inner.keep(step._replace(native_ids=step.native_ids.gather(1, order),
+                                             native_w=imp.gather(1, order)))
+
+    def __str__(self) -> str:
+        return f"norm_scaled[{self.inner}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class NativeWeights(Policy):
+    """``inner``'s set; the weight rule is changed by ``native_weight_rule``."""
+
+    name: ClassVar[str] = "native_weights"
+    kind: ClassVar[str] = "set"
+    inner: Policy = OEA(3)
+
+    def keep(self, step: Step) -> torch.Tensor:
+        return self.inner.keep(step)
+
+    def __str__(self) -> str:
+        return f"native_weights[{self.inner}]"
+
+
+@contextlib.contextmanager
+def native_weight_rule():
+    """While active, the HF hook's routing gives a NativeWeights policy's kept native experts
+    their native weights and its fillers weight 0 (ids unchanged)."""
+    def routed(logits, top_k, policy, *args, **kwargs):
+        r = route(logits, top_k, policy, *args, **kwargs)
+        if not isinstance(policy, NativeWeights):
+            return r
+        n = route(logits, top_k, TopK(), *args, **kwargs)
+        w = ((r.ids[:, :, None] == n.ids[:, None, :]) * n.weights[:, None, :]).sum(-1)
+        return Routing(torch.where(r.vote[:, None], w, r.weights), r.ids, r.native_ids, r.vote)
+    hf.route = routed
+    try:
+        yield
+    finally:
+        hf.route = route
+
+
+@torch.no_grad()
+def output_scales(model, tokenizer, texts: dict[str, list[str]]) -> torch.Tensor:
+    """[L, E]: each expert's mean output norm over the tokens routed to it, over the mean
+    (calibration half of the held-out text, 32 rows x 128 tokens)."""
+    calib, _ = split_texts(texts)
+    tokens = token_batch(calib, tokenizer, 32, 128, model.get_input_embeddings().num_embeddings)
+    out = []
+    for layer, x in zip(hf.moe_layers(model), router_inputs(model, tokens)):
+        _, _, ids = layer.router(x)
+        ones = torch.ones(x.shape[0], 1, dtype=x.dtype)
+        norms = torch.stack([layer.experts(x, ids[:, k:k + 1], ones).float().norm(dim=-1)
+                             for k in range(ids.shape[1])], 1)
+        count = torch.bincount(ids.flatten(), minlength=layer.num_experts)
+        total = torch.zeros(layer.num_experts).scatter_add(0, ids.flatten(), norms.flatten())
+        s = torch.where(count > 0, total / count.clamp_min(1), total.sum() / count.sum())
+        out.append(s / s.mean())
+    return torch.stack(out)
+
+
+def variants(top_k: int) -> dict[str, list[Policy]]:
+    mild, deep = OEA(top_k // 2), OEA(top_k // 2 - 1)
+    return {
+        "oea": [OEA(k0) for k0 in (top_k // 2, top_k // 2 - 1)],
+        "mass_floor": [MassFloor(0.7), MassFloor(0.6)],
+        "price": [Price(0.004, 2.0), Price(0.016, 2.0), Price(0.032, 2.0), Price(0.002, 3.0), Price(0.006, 3.0)],
+        "fill_price": [FillPrice(0.002, 2.0), FillPrice(0.005, 2.0), FillPrice(0.01, 2.0), FillPrice(0.0005, 3.0),
+                       FillPrice(0.002, 3.0)],
+        "norm_scaled": [NormScaled(mild), NormScaled(deep), NormScaled(MassFloor(0.7)), NormScaled(MassFloor(0.6))],
+        "native_weights": [NativeWeights(mild), NativeWeights(deep), NativeWeights(MassFloor(0.7)),
+                           NativeWeights(MassFloor(0.6))],
+    }
+
+
+def saved_at(rows: list[dict], target: float) -> float | None:
+    """A family's saved fraction at perplexity change ``target`` (%), linear between its
+    settings sorted by perplexity, from native (0, 0); None beyond its deepest setting."""
+    pts = [(0.0, 0.0)] + sorted((r["ppl_delta_pct"], r["saved"]) for r in rows)
+    for (d0, s0), (d1, s1) in zip(pts, pts[1:]):
+        if d0 <= target <= d1:
+            return s0 + (s1 - s0) * (target - d0) / (d1 - d0) if d1 > d0 else max(s0, s1)
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded reference model)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--ppl-per-domain", type=int, default=16)
+    ap.add_argument("--variants", default=None, help="comma-separated families (default: all)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or str(reference_model_path())
+    model, tokenizer = load_model(model_dir)
+    texts = load_texts([default_data(Path(model_dir))])
+    fams = variants(hf.moe_shape(model)[1])
+    if args.variants:
+        fams = {f: fams[f] for f in args.variants.split(",")}
+    if "norm_scaled" in fams:
+        NormScaled.scales = output_scales(model, tokenizer, texts)
+    with native_weight_rule():
+        rows = frontier(model, tokenizer, texts, fams, [args.batch_size],
+                        EvalConfig(ppl_per_domain=args.ppl_per_domain, gen_prompts=0))
+    print(f"{model_dir}, batch {args.batch_size}, test split, {args.ppl_per_domain} rows per domain")
+    print(f"  {'family':<15} {'policy':<40} {'saved':>6} {'ppl change % [95% CI]':>26} {'KL':>7}")
+    for r in rows:
+        print(f"  {r['family']:<15} {r['policy']:<40} {100 * r['saved']:>5.1f}% {r['ppl_delta_pct']:>+8.3f} "
+              f"[{r['lo']:+.3f}, {r['hi']:+.3f}] {r['kl']:>7.4f}")
+    at = {f: saved_at([r for r in rows if r["family"] == f], 0.5) for f in fams}
+    print("saved at +0.5 %: " + ", ".join(f"{f} {'-' if v is None else f'{100 * v:.1f}'}" for f, v in at.items()))
+    print(json.dumps({"model": model_dir, "batch": args.batch_size, "saved_at_0.5pct": at, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
