@@ -61,50 +61,69 @@ def _row_weights(step: Step) -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class Price(Policy):
-    name: ClassVar[str] = "price"
+class _Pruning(Policy):
+    """Greedy pruning of the native union: remove the expert whose removal adds the least
+    ``sum over voting rows of loss**p`` while that is at most ``lam`` and more than top-k remain.
+    Subclasses give a per-step table (``table``, computed once) and what each row's loss
+    becomes without each expert (``without``)."""
+
     kind: ClassVar[str] = "set"
     lam: float = 0.002
     p: float = 3.0
 
+    def table(self, step: Step) -> torch.Tensor:
+        raise NotImplementedError   # [T, E] float64
+
+    def without(self, step: Step, table: torch.Tensor, keep: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError   # [T, E]: each row's loss if expert e left keep
+
     def keep(self, step: Step) -> torch.Tensor:
-        W = _row_weights(step)
-        keep, loss = W.sum(0) > 0, torch.zeros_like(W[:, 0])
-        for _ in range(W.shape[1]):
-            cost = ((loss[:, None] + W) ** self.p - loss[:, None] ** self.p).sum(0).masked_fill(~keep, torch.inf)
+        vote = torch.ones_like(step.logits[:, 0], dtype=torch.bool) if step.vote is None else step.vote
+        keep = _row_weights(step).sum(0) > 0
+        loss = torch.zeros_like(step.logits[:, 0], dtype=torch.float64)
+        table = self.table(step)
+        for _ in range(keep.numel()):
+            new = self.without(step, table, keep, loss)
+            cost = ((new ** self.p - loss[:, None] ** self.p) * vote[:, None]).sum(0).masked_fill(~keep, torch.inf)
             c, e = cost.min(0)
             if float(c) > self.lam or int(keep.sum()) <= step.top_k:
                 break
-            keep[e], loss = False, loss + W[:, e]
+            keep[e], loss = False, new[:, e]
         return keep
 
 
 @dataclasses.dataclass(frozen=True)
-class FillPrice(Policy):
+class Price(_Pruning):
+    """Loss: the row's lost share of its native top-k weight."""
+
+    name: ClassVar[str] = "price"
+
+    def table(self, step: Step) -> torch.Tensor:
+        return _row_weights(step)
+
+    def without(self, step: Step, table: torch.Tensor, keep: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return loss[:, None] + table
+
+
+@dataclasses.dataclass(frozen=True)
+class FillPrice(_Pruning):
+    """Loss: native top-k mass minus the row's top-k mass inside keep (softmax scoring, as on
+    the two softmax reference models)."""
+
     name: ClassVar[str] = "fill_price"
-    kind: ClassVar[str] = "set"
     lam: float = 0.005
     p: float = 2.0
 
-    def keep(self, step: Step) -> torch.Tensor:   # softmax scoring (the two softmax reference models)
-        K = step.top_k
-        vote = torch.ones_like(step.logits[:, 0], dtype=torch.bool) if step.vote is None else step.vote
+    def table(self, step: Step) -> torch.Tensor:
         prob = torch.softmax(step.logits.double(), -1)
-        prob = prob / prob.gather(1, step.native_ids).sum(-1, keepdim=True)        # native top-k mass = 1
-        keep = _row_weights(step).sum(0) > 0
-        loss = torch.zeros_like(prob[:, 0])
-        for _ in range(prob.shape[1]):
-            inside = prob.masked_fill(~keep[None, :], -1.0)
-            top = inside.topk(K + 1, dim=-1)
-            spare = top.values[:, K].clamp_min(0)                                  # the best replacement
-            in_k = torch.zeros_like(keep[None, :].expand_as(prob)).scatter(1, top.indices[:, :K], True) & (inside >= 0)
-            new = loss[:, None] + in_k * (prob - spare[:, None]).clamp_min(0)       # [T, E]: loss without e
-            cost = ((new ** self.p - loss[:, None] ** self.p) * vote[:, None]).sum(0).masked_fill(~keep, torch.inf)
-            c, e = cost.min(0)
-            if float(c) > self.lam or int(keep.sum()) <= K:
-                break
-            keep[e], loss = False, new[:, e]
-        return keep
+        return prob / prob.gather(1, step.native_ids).sum(-1, keepdim=True)       # native top-k mass = 1
+
+    def without(self, step: Step, prob: torch.Tensor, keep: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        inside = prob.masked_fill(~keep[None, :], -1.0)
+        top = inside.topk(step.top_k + 1, dim=-1)
+        spare = top.values[:, step.top_k].clamp_min(0)                             # the best replacement
+        in_k = torch.zeros_like(inside, dtype=torch.bool).scatter(1, top.indices[:, :step.top_k], True) & (inside >= 0)
+        return loss[:, None] + in_k * (prob - spare[:, None]).clamp_min(0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +205,7 @@ def output_scales(model, tokenizer, texts: dict[str, list[str]]) -> torch.Tensor
 def variants(top_k: int) -> dict[str, list[Policy]]:
     mild, deep = OEA(top_k // 2), OEA(top_k // 2 - 1)
     return {
-        "oea": [OEA(k0) for k0 in (top_k // 2, top_k // 2 - 1)],
+        "oea": [mild, deep],
         "mass_floor": [MassFloor(0.7), MassFloor(0.6)],
         "price": [Price(0.004, 2.0), Price(0.016, 2.0), Price(0.032, 2.0), Price(0.002, 3.0), Price(0.006, 3.0)],
         "fill_price": [FillPrice(0.002, 2.0), FillPrice(0.005, 2.0), FillPrice(0.01, 2.0), FillPrice(0.0005, 3.0),
