@@ -17,7 +17,7 @@ host sync per iteration, fine for measuring quality, useless for serving.
   best kept expert, so dropping a flat row's 8th choice costs little).
 - ``norm_scaled``: MassFloor and OEA on importance ``w * s_e`` instead of ``w``, where ``s_e``
   is expert e's mean output norm on the tokens routed to it (calibration half of the held-out
-  text): router weight explains R^2 0.59-0.79 of a slot's log output norm, ``w * s_e`` 0.78-0.85.
+  text).
 - ``native_weights``: OEA's and MassFloor's sets, but the kept native experts keep their native
   weights and fillers get weight 0 (the routing contract fills freed slots and rescales to the
   native mass instead).
