@@ -184,6 +184,21 @@ def test_mixed_step_routes_prefill_rows_natively(llm):
     assert sum(L["changed_assignments"] for L in s["layers"]) > 0
 
 
+def test_a_last_prefill_chunk_of_one_token_does_not_vote(llm):
+    # A prompt one token longer than the step budget prefills as 48 rows, then 1: that last
+    # row feeds one token on top of cached ones, like a decode row, yet its output is the
+    # first generated token, so it must be routed natively. One request alone: the steps are
+    # 48 prefill rows, 1 prefill row, 1 decode row (the second generated token).
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    budget = ENGINE_ARGS["max_num_batched_tokens"]
+    prompt = TokensPrompt(prompt_token_ids=[(7 * i) % 200 + 3 for i in range(budget + 1)])
+    stats(llm, reset=True)
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    [s] = stats(llm, reset=True)
+    assert (s["steps"], s["decode_steps"], s["voting_rows"]) == (3, 1, 1)
+
+
 def test_opted_out_requests_are_routed_natively_whatever_their_batch(llm, baseline):
     """``extra_args={"lynx": "off"}``: those requests' greedy tokens equal vLLM's without the
     plugin, batched with requests that an aggressive policy re-routes."""
@@ -349,12 +364,14 @@ def test_lynx_serve_rejects_a_bad_policy_before_starting_vllm():
 
 def test_step_rows_from_scheduler_counts():
     # requests: decode (1 row, 9 cached) | prefill chunk (3 rows) | decode, opted out |
-    # a one-token prompt (1 row, nothing cached: prefill) | speculative decode (3 rows)
-    q = np.array([1, 3, 1, 1, 3])
-    computed = np.array([9, 2, 4, 0, 7])
-    isolated = np.array([False, False, True, False, False])
-    assert step_rows(q, computed, isolated).tolist() == [True] + [False] * 8
-    assert step_rows(q, computed, np.zeros(5, bool)).tolist() == [True, False, False, False, True] + [False] * 4
+    # a one-token prompt (1 row, nothing cached: prefill) | speculative decode (3 rows) |
+    # the last, one-token chunk of a 6-token prompt (its output is the first generated token)
+    q = np.array([1, 3, 1, 1, 3, 1])
+    computed = np.array([9, 2, 4, 0, 7, 5])
+    prompt = np.array([4, 8, 3, 1, 5, 6])
+    isolated = np.array([False, False, True, False, False, False])
+    assert step_rows(q, computed, prompt, isolated).tolist() == [True] + [False] * 9
+    assert step_rows(q, computed, prompt, np.zeros(6, bool)).tolist() == [True, False, False, False, True] + [False] * 5
 
 
 def _fake_layer_inputs(T=16, E=32, K=4, seed=0):

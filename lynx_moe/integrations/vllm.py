@@ -187,16 +187,19 @@ def check_request(extra_args: dict[str, Any] | None) -> None:
 # Which rows vote: once per forward step, on the host, into a persistent device buffer
 
 
-def step_rows(num_scheduled: np.ndarray, num_computed: np.ndarray, isolated: np.ndarray) -> np.ndarray:
+def step_rows(num_scheduled: np.ndarray, num_computed: np.ndarray, num_prompt: np.ndarray,
+              isolated: np.ndarray) -> np.ndarray:
     """One forward step's vote flag per row, from the scheduler's per-request counts.
 
     Rows are laid out request by request, ``num_scheduled[r]`` rows each. A request votes
-    when it decodes, feeding exactly one token on top of ``num_computed[r] > 0`` cached ones
-    (vLLM's decode split, threshold 1), and is not ``isolated``; prefill and chunked-prefill
-    rows, the single row of a one-token prompt and speculative-decoding rows do not.
+    when it decodes: it feeds exactly one token and its whole prompt is already cached
+    (``num_computed[r] >= num_prompt[r]``), and it is not ``isolated``. Prefill and
+    chunked-prefill rows (a last chunk of one token too, whose output is the first generated
+    token), the single row of a one-token prompt and speculative-decoding rows do not vote.
     """
     q = np.asarray(num_scheduled, dtype=np.int64)
-    votes = (q == 1) & (np.asarray(num_computed) > 0) & ~np.asarray(isolated, dtype=bool)
+    decodes = (q == 1) & (np.asarray(num_computed) >= np.asarray(num_prompt))
+    votes = decodes & ~np.asarray(isolated, dtype=bool)
     return np.repeat(votes, np.maximum(q, 0))
 
 
@@ -405,12 +408,13 @@ class _State:
         args = getattr(sampling_params, "extra_args", None) or {}
         return args.get(REQUEST_KEY, self.settings.requests_default) == "off"
 
-    def new_step(self, num_scheduled: np.ndarray, num_computed: np.ndarray, isolated: np.ndarray) -> None:
+    def new_step(self, num_scheduled: np.ndarray, num_computed: np.ndarray, num_prompt: np.ndarray,
+                 isolated: np.ndarray) -> None:
         self.steps += 1
         self.resolve_all()
         if self.rows is None:
             return
-        voters, valid = self.rows.write(step_rows(num_scheduled, num_computed, isolated))
+        voters, valid = self.rows.write(step_rows(num_scheduled, num_computed, num_prompt, isolated))
         if voters:
             self.decode_steps += 1
             self.voting_rows += voters
@@ -524,7 +528,7 @@ class _State:
 # layers then route natively with a warning. Hooking it is the same three calls on its own
 # class: ``__init__`` (bind), ``prepare_inputs(scheduler_output, batch_req_state, ...)``
 # (``batch_req_state.num_scheduled_tokens`` / ``req_ids`` and the input batch's
-# ``num_computed_tokens_np`` give ``step_rows``' arguments) and ``_dummy_run`` (clear).
+# ``num_computed_tokens_np`` / ``num_prompt_tokens`` give ``step_rows``' arguments) and ``_dummy_run`` (clear).
 
 _STATE: _State | None = None
 
@@ -601,7 +605,8 @@ def _install(logger: Any) -> None:
             n = batch.num_reqs
             isolated = np.fromiter((_STATE.is_isolated(self.requests[r].sampling_params) for r in batch.req_ids[:n]),
                                    dtype=bool, count=n)
-            _STATE.new_step(num_scheduled_tokens[:n], batch.num_computed_tokens_cpu[:n], isolated)
+            _STATE.new_step(num_scheduled_tokens[:n], batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n],
+                            isolated)
         return out
 
     def dummy_run(self, *args: Any, **kwargs: Any):
