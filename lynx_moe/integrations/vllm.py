@@ -528,7 +528,8 @@ class _State:
 # layers then route natively with a warning. Hooking it is the same three calls on its own
 # class: ``__init__`` (bind), ``prepare_inputs(scheduler_output, batch_req_state, ...)``
 # (``batch_req_state.num_scheduled_tokens`` / ``req_ids`` and the input batch's
-# ``num_computed_tokens_np`` / ``num_prompt_tokens`` give ``step_rows``' arguments) and ``_dummy_run`` (clear).
+# ``num_computed_tokens_np`` / ``num_prompt_tokens`` give ``step_rows``' arguments) and
+# ``_dummy_run`` (clear).
 
 _STATE: _State | None = None
 
@@ -605,8 +606,8 @@ def _install(logger: Any) -> None:
             n = batch.num_reqs
             isolated = np.fromiter((_STATE.is_isolated(self.requests[r].sampling_params) for r in batch.req_ids[:n]),
                                    dtype=bool, count=n)
-            _STATE.new_step(num_scheduled_tokens[:n], batch.num_computed_tokens_cpu[:n], batch.num_prompt_tokens[:n],
-                            isolated)
+            _STATE.new_step(num_scheduled_tokens[:n], batch.num_computed_tokens_cpu[:n],
+                            batch.num_prompt_tokens[:n], isolated)
         return out
 
     def dummy_run(self, *args: Any, **kwargs: Any):
