@@ -43,7 +43,7 @@ import torch  # after OMP_WAIT_POLICY
 from lynx_moe import reference_model_path
 from lynx_moe.integrations import hf
 from lynx_moe.measure.data import default_data, load_texts, token_batch
-from lynx_moe.measure.frontier import frontier
+from lynx_moe.measure.frontier import frontier, saved_at
 from lynx_moe.measure.models import load_model
 from lynx_moe.measure.quality import EvalConfig
 from lynx_moe.measure.similarity import router_inputs
@@ -214,16 +214,6 @@ def variants(top_k: int) -> dict[str, list[Policy]]:
         "native_weights": [NativeWeights(mild), NativeWeights(deep), NativeWeights(MassFloor(0.7)),
                            NativeWeights(MassFloor(0.6))],
     }
-
-
-def saved_at(rows: list[dict], target: float) -> float | None:
-    """A family's saved fraction at perplexity change ``target`` (%), linear between its
-    settings sorted by perplexity, from native (0, 0); None beyond its deepest setting."""
-    pts = [(0.0, 0.0)] + sorted((r["ppl_delta_pct"], r["saved"]) for r in rows)
-    for (d0, s0), (d1, s1) in zip(pts, pts[1:]):
-        if d0 <= target <= d1:
-            return s0 + (s1 - s0) * (target - d0) / (d1 - d0) if d1 > d0 else max(s0, s1)
-    return None
 
 
 def main() -> None:

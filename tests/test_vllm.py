@@ -371,8 +371,8 @@ def test_step_rows_from_scheduler_counts():
     prompt = np.array([4, 8, 3, 1, 5, 6])
     isolated = np.array([False, False, True, False, False, False])
     assert step_rows(q, computed, prompt, isolated).tolist() == [True] + [False] * 9
-    everyone = np.zeros(6, bool)
-    assert step_rows(q, computed, prompt, everyone).tolist() == [True, False, False, False, True] + [False] * 5
+    none_isolated = np.zeros(6, bool)
+    assert step_rows(q, computed, prompt, none_isolated).tolist() == [True, False, False, False, True] + [False] * 5
 
 
 def _fake_layer_inputs(T=16, E=32, K=4, seed=0):

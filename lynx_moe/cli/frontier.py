@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..integrations.hf import moe_shape
 from ..measure.data import default_data, load_texts
-from ..measure.frontier import families_for, frontier
+from ..measure.frontier import at_target, families_for, frontier
 from ..measure.models import load_model
 from ..measure.quality import EvalConfig, check_policies
 from ..measure.similarity import default_path
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     rows = frontier(model, tokenizer, texts, families, args.batch_sizes, cfg,
                     progress=progress_bar("frontier", not args.json_only))
     summary = {"model": str(args.model), "experts": E, "top_k": K, "split": "test (odd held-out segments)",
-               "ppl_per_domain": args.ppl_per_domain, "rows": rows}
+               "ppl_per_domain": args.ppl_per_domain, "rows": rows, "at_0.5pct": at_target(rows, 0.5)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(summary, indent=1))
     summary["plot"] = str(frontier_plot(rows, out / "frontier.png",
@@ -97,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
             for r in (r for r in rows if r["batch"] == B):
                 print(f"  {r['policy']:<{w}} {100 * r['saved']:>5.1f}% {r['distinct']:>8.1f} "
                       f"{r['ppl_delta_pct']:>+8.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] {r['kl']:>7.4f}")
+            print("  saved at +0.5 % perplexity (best measured setting / curve, linear between settings):")
+            for a in (a for a in summary["at_0.5pct"] if a["batch"] == B):
+                curve = "-" if a["curve"] is None else f"{100 * a['curve']:.1f}"
+                print(f"    {a['family']:<18} {100 * a['best']:5.1f} / {curve}")
         print(f"wrote {out / 'frontier.json'}, {summary['plot']}")
     print(json.dumps(summary))
     return 0

@@ -17,7 +17,7 @@ from ..policies import OEA, SERE, AffinityBinning, Confidence, MassFloor, Policy
 from .quality import EvalConfig, evaluate
 from .tune import split_texts
 
-__all__ = ["families_for", "frontier"]
+__all__ = ["at_target", "families_for", "frontier", "saved_at"]
 
 
 def families_for(experts: int, top_k: int, similarity: str | Path | None = None) -> dict[str, list[Policy]]:
@@ -61,3 +61,27 @@ def frontier(model, tokenizer, texts: dict[str, list[str]], families: dict[str, 
                          "distinct_native": r["routing"]["distinct_native"], "ppl_delta_pct": d["value"],
                          "lo": d["lo"], "hi": d["hi"], "kl": r["perplexity"]["kl"]})
     return rows
+
+
+def saved_at(rows: list[dict], target: float) -> float | None:
+    """A family's saved fraction at perplexity change ``target`` (%), linear between its
+    settings sorted by perplexity, from native (0, 0); None beyond its deepest setting."""
+    pts = [(0.0, 0.0)] + sorted((r["ppl_delta_pct"], r["saved"]) for r in rows)
+    for (d0, s0), (d1, s1) in zip(pts, pts[1:]):
+        if d0 <= target <= d1:
+            return s0 + (s1 - s0) * (target - d0) / (d1 - d0) if d1 > d0 else max(s0, s1)
+    return None
+
+
+def at_target(rows: list[dict], target: float = 0.5) -> list[dict]:
+    """Per batch size and family of ``frontier`` rows: ``best``, the most saved by a measured
+    setting at or under ``target`` % perplexity (0 if none), and ``curve``, ``saved_at`` the
+    target (None beyond the family's deepest setting)."""
+    out = []
+    for B in dict.fromkeys(r["batch"] for r in rows):
+        at_b = [r for r in rows if r["batch"] == B and r["family"] != "native"]
+        for fam in dict.fromkeys(r["family"] for r in at_b):
+            fr = [r for r in at_b if r["family"] == fam]
+            out.append({"batch": B, "family": fam, "curve": saved_at(fr, target),
+                        "best": max((r["saved"] for r in fr if r["ppl_delta_pct"] <= target), default=0.0)})
+    return out
