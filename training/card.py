@@ -482,7 +482,10 @@ router's top-{k} over the batch rows. Batch 1 uses 16 sequences, the others 64 s
 lm-evaluation-harness 0.4.13 task definitions are in `eval/*.yaml`; the numbers below come from
 `training/card.py`, which scores the same files the same way (BOS + context, sum of log-likelihoods per choice;
 acc_norm divides by the choice's character length; generation is greedy, ≤8 tokens, cut at newline or
-`.,;`, first word compared case-insensitively).
+`.,;`, first word compared case-insensitively). `last_word` and `next_sentence` end with a second draw
+(items 1121-1600 and 1020-2247, added 3 Dec 2026 so that a policy's accuracy change has a 95 % interval
+within ±0.5 point; `EXTRA` in `training/evaldata.py`); their first items are unchanged, and their rows below
+were re-scored with `python -m training.refcard --model models/lynx-ref-moe --update-tasks last_word,next_sentence`.
 
 {_table(["task", "items", "result", "chance"], task_rows)}
 

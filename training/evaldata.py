@@ -59,12 +59,17 @@ WORD = re.compile(r"[A-Za-z]+")
 
 
 
+def _doc_cap(per_domain: int, n_docs: int) -> int:
+    """The most items a task takes from one document: a few, more when a domain has few documents."""
+    return max(3, math.ceil(3 * per_domain / max(1, n_docs)))
+
+
 def _spread_over_documents(cands: list[tuple], per_domain: int, rng) -> list[tuple]:
     """Shuffle candidates ``(domain, context, answer, doc_id)`` and take up to ``per_domain``,
     at most a few per document, so no single long document dominates a task."""
     rng.shuffle(cands)
     per_doc = collections.Counter()
-    cap = max(3, math.ceil(3 * per_domain / max(1, len({c[3] for c in cands}))))
+    cap = _doc_cap(per_domain, len({c[3] for c in cands}))
     picked = []
     for c in cands:
         if per_doc[c[3]] < cap:
@@ -213,9 +218,12 @@ def word_freqs(corpus: Path):
     return cnt
 
 
-def sentence_items(corpus: Path, rng: random.Random, per_domain: int, answer_in_context: bool = False):
-    """(domain, context, last_word) from test docs: the sentence's last word, preceding text as context."""
-    items = []
+def sentence_items(corpus: Path, rng: random.Random, per_domain: int, answer_in_context: bool = False,
+                   extra: int = 0, extra_rng: random.Random | None = None):
+    """(domain, context, last_word) from test docs: the sentence's last word, preceding text as context.
+    ``extra`` more per domain are drawn with ``extra_rng`` from the candidates the first draw left and
+    come after all first-draw items (see ``EXTRA``)."""
+    items, extras = [], []
     for d in TEXT_DOMAINS:
         cands = []
         for doc in docs(corpus, d, "test"):
@@ -235,11 +243,15 @@ def sentence_items(corpus: Path, rng: random.Random, per_domain: int, answer_in_
                 cands.append((d, ctx.lstrip(), m.group(1), doc["id"]))
         picked = _spread_over_documents(cands, per_domain, rng)
         items.extend(picked)
+        if extra:
+            taken = set(picked)
+            extras.extend(_spread_over_documents([c for c in cands if c not in taken], extra, extra_rng))
         print(f"  {d}: {len(picked)} sentence items from {len(cands)} candidates")
-    return items
+    return items + extras
 
 
-def build_last_word(corpus: Path, out: Path, rng: random.Random, freqs, per_domain: int = 140):
+def build_last_word(corpus: Path, out: Path, rng: random.Random, freqs, per_domain: int = 140,
+                    extra: int = 0, extra_rng: random.Random | None = None):
     bands = collections.defaultdict(list)
     band_of = {}
     for w, c in freqs.items():
@@ -250,7 +262,7 @@ def build_last_word(corpus: Path, out: Path, rng: random.Random, freqs, per_doma
     for b in bands:
         bands[b].sort()
     rows = []
-    for d, ctx, word, doc_id in sentence_items(corpus, rng, per_domain):
+    for d, ctx, word, doc_id in sentence_items(corpus, rng, per_domain, extra=extra, extra_rng=extra_rng):
         lw = word.lower()
         b = band_of.get(lw, min(bands))
         pool, lo, hi = list(bands.get(b, [])), b, b
@@ -399,35 +411,51 @@ def test_sentences(corpus: Path, rng: random.Random) -> dict:
     return all_sents
 
 
+def _next_sentence_rows(d, sents, texts, others, by_doc, cap, n, rng, skip=frozenset()):
+    """Up to ``n`` items of domain ``d`` from ``sents`` (less the indices in ``skip``), at most ``cap``
+    per document (``by_doc`` counts across calls). Returns ``(rows, indices used)``."""
+    rows, used = [], set()
+    for i, (doc_id, start, sent) in enumerate(sents):
+        if len(rows) >= n:
+            break
+        if i in skip or by_doc[doc_id] >= cap:
+            continue
+        distractors = [x[2] for x in rng.sample(others, 12) if x[0] != doc_id][:3]
+        if len(distractors) < 3:
+            continue
+        text = texts[doc_id]
+        ctx = text[max(0, start - 240):start]
+        if start > 240:
+            ctx = ctx[ctx.find(" ") + 1:]
+        choices = distractors + [sent]
+        rng.shuffle(choices)
+        rows.append({"domain": d, "context": ctx.rstrip(), "choices": [" " + c for c in choices],
+                     "label": choices.index(sent), "doc": doc_id})
+        by_doc[doc_id] += 1
+        used.add(i)
+    return rows, used
+
+
 def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain: int = 175,
-                        cross_domain: bool = False, name: str = "next_sentence"):
-    """Context ending at a sentence end -> the true next sentence vs 3 sentences from other test docs."""
-    rows = []
+                        cross_domain: bool = False, name: str = "next_sentence",
+                        extra: int = 0, extra_rng: random.Random | None = None):
+    """Context ending at a sentence end -> the true next sentence vs 3 sentences from other test docs
+    (other domains' with ``cross_domain``). ``extra`` more per domain, drawn with ``extra_rng`` from
+    the sentences the first draw left, come after all first-draw items (see ``EXTRA``)."""
+    rows, extras = [], []
     all_sents = test_sentences(corpus, rng)
     for d in TEXT_DOMAINS:
         sents, texts = all_sents[d]
-        other = [x for e in TEXT_DOMAINS if e != d for x in all_sents[e][0]]
+        others = [x for e in TEXT_DOMAINS if e != d for x in all_sents[e][0]] if cross_domain else sents
         by_doc = collections.Counter()
-        picked = []
-        for doc_id, start, sent in sents:
-            if by_doc[doc_id] >= max(3, math.ceil(3 * per_domain / max(1, len(texts)))):
-                continue
-            others = [x[2] for x in rng.sample(other if cross_domain else sents, 12) if x[0] != doc_id][:3]
-            if len(others) < 3:
-                continue
-            text = texts[doc_id]
-            ctx = text[max(0, start - 240):start]
-            if start > 240:
-                ctx = ctx[ctx.find(" ") + 1:]
-            choices = others + [sent]
-            rng.shuffle(choices)
-            picked.append({"domain": d, "context": ctx.rstrip(), "choices": [" " + c for c in choices],
-                           "label": choices.index(sent), "doc": doc_id})
-            by_doc[doc_id] += 1
-            if len(picked) >= per_domain:
-                break
+        picked, used = _next_sentence_rows(d, sents, texts, others, by_doc, _doc_cap(per_domain, len(texts)),
+                                           per_domain, rng)
         rows += picked
+        if extra:
+            extras += _next_sentence_rows(d, sents, texts, others, by_doc, _doc_cap(per_domain + extra, len(texts)),
+                                          extra, extra_rng, skip=used)[0]
         print(f"  {d}: {len(picked)} {name} items from {len(sents)} sentences")
+    rows += extras
     write_jsonl(out / f"{name}.jsonl", rows)
     (out / f"lynx_ref_{name}.yaml").write_text(
         yaml_header(f"lynx_ref_{name}", f"{name}.jsonl", "multiple_choice")
@@ -437,6 +465,12 @@ def build_next_sentence(corpus: Path, out: Path, rng: random.Random, per_domain:
         + "  - metric: acc_mutual_info\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
     print(f"{name}: {len(rows)} items")
 
+
+# Items per domain drawn after the first draw, with their own seeds, and appended to the task (3 Dec 2026):
+# with the first draw alone the 95 % interval of the preset's paired accuracy change at batch 32 was
+# +-0.54 (last_word) and +-0.64 point (next_sentence); issue 14 asks for +-0.5. The first-draw items keep
+# their place at the head of each file, so results measured on them (``lynx eval --limit``) reproduce.
+EXTRA = {"last_word": 60, "next_sentence": 300}
 
 # Tasks shipped in models/lynx-ref-moe/eval. The others are built only with --all-tasks: the trained model
 # stayed below 1.5x chance on them (see the model card), so they cannot show accuracy loss.
@@ -466,11 +500,13 @@ def main():
         build_wn_gloss(corpus, out, random.Random(SEED + 1))
     freqs = word_freqs(corpus)
     if "last_word" in tasks:
-        build_last_word(corpus, out, random.Random(SEED + 2), freqs)
+        build_last_word(corpus, out, random.Random(SEED + 2), freqs, extra=EXTRA["last_word"],
+                        extra_rng=random.Random(SEED + 12))
     if "next_word" in tasks:
         build_next_word(corpus, out, random.Random(SEED + 3), freqs)
     if "next_sentence" in tasks:
-        build_next_sentence(corpus, out, random.Random(SEED + 4))
+        build_next_sentence(corpus, out, random.Random(SEED + 4), extra=EXTRA["next_sentence"],
+                            extra_rng=random.Random(SEED + 14))
     if "wn_pos" in tasks:
         build_wn_pos(corpus, out, random.Random(SEED + 5))
     if "continuation" in tasks:

@@ -41,14 +41,38 @@ def main():
     ap.add_argument("--batch-sizes", default="1,8,32,64")
     ap.add_argument("--tasks", action="store_true", help="also score the eval/ tasks")
     ap.add_argument("--vllm", action="store_true", help="also load and generate with vLLM (subprocess)")
+    ap.add_argument("--update-tasks", default=None, metavar="NAMES",
+                    help="only re-score these multiple-choice tasks (comma-separated, e.g. last_word) and update "
+                         "them in the model's existing metrics.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     mdir, ev = Path(args.model), Path(args.eval_dir)
+    out_path = mdir / "metrics.json"
+    lim = (lambda xs: xs[:args.limit]) if args.limit else (lambda xs: xs)
+    if args.update_tasks:
+        names = args.update_tasks.split(",")
+        unknown = [n for n in names if n not in dict(MC_TASKS) or not (ev / f"{n}.jsonl").exists()]
+        if unknown:
+            raise SystemExit(f"--update-tasks: {unknown} are not multiple-choice tasks in {ev} "
+                             f"(known: {[n for n, _ in MC_TASKS if (ev / f'{n}.jsonl').exists()]})")
+        if not out_path.exists():
+            raise SystemExit(f"--update-tasks: {out_path} does not exist yet; run without it first")
     model, tok = load(mdir)
     cfg = model.config
     E, k = n_experts(cfg), cfg.num_experts_per_tok
-    out_path = mdir / "metrics.json"
+
+    def score(name):
+        return mc_accuracy(model, tok, lim(read_jsonl(ev / f"{name}.jsonl")), dict(MC_TASKS)[name],
+                           mutual_info=name in MUTUAL_INFO_TASKS)
+
+    if args.update_tasks:
+        metrics = json.loads(out_path.read_text())
+        for name in names:
+            metrics.setdefault("tasks", {})[f"lynx_ref_{name}"] = score(name)
+            print(name, metrics["tasks"][f"lynx_ref_{name}"], flush=True)
+            out_path.write_text(json.dumps(metrics, indent=1) + "\n")
+        return
     metrics = {"model": mdir.name, "architecture": cfg.architectures[0] if cfg.architectures else type(model).__name__,
                "dtype_for_eval": "float32 (weights stored in bf16)",
                "eval_data": str(ev.relative_to(REPO)) if ev.is_relative_to(REPO) else str(ev)}
@@ -88,12 +112,10 @@ def main():
 
     if args.tasks:
         t2 = time.time()
-        lim = (lambda xs: xs[:args.limit]) if args.limit else (lambda xs: xs)
         metrics["tasks"] = {}
-        for name, key in MC_TASKS:
+        for name, _ in MC_TASKS:
             if (ev / f"{name}.jsonl").exists():
-                metrics["tasks"][f"lynx_ref_{name}"] = mc_accuracy(model, tok, lim(read_jsonl(ev / f"{name}.jsonl")),
-                                                                    key, mutual_info=name in MUTUAL_INFO_TASKS)
+                metrics["tasks"][f"lynx_ref_{name}"] = score(name)
                 print(name, metrics["tasks"][f"lynx_ref_{name}"], flush=True)
                 save()
         if (ev / "next_word.jsonl").exists():
