@@ -18,6 +18,9 @@ host sync per iteration, fine for measuring quality, useless for serving.
 - ``norm_scaled``: MassFloor and OEA on importance ``w * s_e`` instead of ``w``, where ``s_e``
   is expert e's mean output norm on the tokens routed to it (calibration half of the held-out
   text).
+- ``capped``: MassFloor with a cap: a row keeps the fewest of its native experts that reach
+  ``mass`` of its native top-k weight, at least one and at most ``at_most`` (between MassFloor
+  and OEA: a flat row's count is bounded as in OEA, a confident row's loss as in MassFloor).
 - ``native_weights``: OEA's and MassFloor's sets, but the kept native experts keep their native
   weights and fillers get weight 0 (the routing contract fills freed slots and rescales to the
   native mass instead).
@@ -48,7 +51,7 @@ from lynx_moe.measure.models import load_model
 from lynx_moe.measure.quality import EvalConfig
 from lynx_moe.measure.similarity import router_inputs
 from lynx_moe.measure.tune import split_texts
-from lynx_moe.policies import OEA, MassFloor, Policy, Step, TopK
+from lynx_moe.policies import OEA, MassFloor, Policy, Step, TopK, _expand, _rows_first
 from lynx_moe.routing import Routing, route
 
 
@@ -151,6 +154,20 @@ class NormScaled(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
+class Capped(MassFloor):
+    """MassFloor's per-row count, capped at ``at_most``."""
+
+    name: ClassVar[str] = "capped_mass_floor"
+    at_most: int = 4
+
+    def keep(self, step: Step) -> torch.Tensor:
+        w = step.native_w
+        before = (w.cumsum(dim=-1) - w) / w.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        counts = (before < self.mass).sum(dim=-1).clamp(1, self.at_most)
+        return _expand(step, _rows_first(step, counts))
+
+
+@dataclasses.dataclass(frozen=True)
 class NativeWeights(Policy):
     """``inner``'s set; the weight rule is changed by ``native_weight_rule``."""
 
@@ -210,6 +227,7 @@ def variants(top_k: int) -> dict[str, list[Policy]]:
         "price": [Price(0.004, 2.0), Price(0.016, 2.0), Price(0.032, 2.0), Price(0.002, 3.0), Price(0.006, 3.0)],
         "fill_price": [FillPrice(0.002, 2.0), FillPrice(0.005, 2.0), FillPrice(0.01, 2.0), FillPrice(0.0005, 3.0),
                        FillPrice(0.002, 3.0)],
+        "capped": [Capped(m, c) for c in (top_k // 2, top_k // 2 - 1) for m in (0.8, 0.7, 0.6)],
         "norm_scaled": [NormScaled(mild), NormScaled(deep), NormScaled(MassFloor(0.7)), NormScaled(MassFloor(0.6))],
         "native_weights": [NativeWeights(mild), NativeWeights(deep), NativeWeights(MassFloor(0.7)),
                            NativeWeights(MassFloor(0.6))],

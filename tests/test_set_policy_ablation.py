@@ -38,6 +38,19 @@ def test_pruning_keeps_native_experts_and_cuts_more_at_a_higher_price(make):
     assert counts == sorted(counts, reverse=True) and counts[-1] < counts[1]
 
 
+def test_capped_lies_between_mass_floor_and_oea():
+    x, K = _logits(), 8
+
+    def used(policy):
+        return set(lynx.route(x, K, policy).ids.flatten().tolist())
+
+    assert used(ablation.Capped(1.0, 3)) == used(lynx.OEA(3))            # no mass floor: OEA's count
+    assert used(ablation.Capped(0.7, K)) == used(lynx.MassFloor(0.7))    # no cap: MassFloor
+    capped = used(ablation.Capped(0.7, 3))
+    assert capped <= used(lynx.OEA(3)) & used(lynx.MassFloor(0.7))
+    assert capped != used(lynx.OEA(3)) and capped != used(lynx.MassFloor(0.7))
+
+
 def test_non_voting_rows_stay_native():
     x, K = _logits(), 8
     vote = torch.arange(32) % 2 == 0
