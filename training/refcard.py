@@ -2,6 +2,7 @@
 
 Usage:
   python -m training.refcard --model models/lynx-ref-qwen3moe --run-dir runs/train-qwen3moe [--tasks] [--vllm]
+  python -m training.refcard --model M --update-tasks last_word,next_sentence   # re-score tasks whose items changed
 
 Unlike ``training.card`` (which is specific to models/lynx-ref-moe and renders its README), this reads the
 evaluation data from ``--eval-dir`` (default: the reference model's committed eval/, TEST split only) and
