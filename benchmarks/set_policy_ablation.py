@@ -1,6 +1,7 @@
 """Do better set choices or another weight rule move the quality frontier? Research policies
 beside OEA (the best peer at batch 32) and MassFloor (ours), on the test split that ``lynx
-frontier`` uses (docs/algorithms.md, section 4c, has the measured answer: no, within 2-3 points).
+frontier`` uses (docs/algorithms.md, section 4c, has the measured answer: no, within 2-3 points),
+and oracles that know every expert's output, to see how much a set choice could buy at all.
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python benchmarks/set_policy_ablation.py \
         [--model DIR] [--batch-size 32] [--ppl-per-domain 16] [--variants price,fill_price,...]
@@ -21,6 +22,14 @@ host sync per iteration, fine for measuring quality, useless for serving.
 - ``capped``: MassFloor with a cap: a row keeps the fewest of its native experts that reach
   ``mass`` of its native top-k weight, at least one and at most ``at_most`` (between MassFloor
   and OEA: a flat row's count is bounded as in OEA, a confident row's loss as in MassFloor).
+- ``output_oracle``: ``price``'s pruning with a row's true loss: the relative error of its layer
+  output after the shared step's fill and rescale, ``|y_keep - y_native| / |y_native|``, from
+  every expert's output on the row. It runs every expert on every row, so it is not a policy: it
+  measures what knowing the experts' outputs would buy a greedy set choice.
+  ``output_oracle_abs``: the same, errors over the step's mean ``|y_native|`` instead of the row's.
+  ``rownorm_fill_price`` / ``slotnorm_fill_price``: ``fill_price`` weighted by each row's native
+  output norm / by each (row, expert)'s output norm, to see which part of the oracle's knowledge
+  pays. All four run every expert and, like ``fill_price``, assume softmax scoring.
 - ``native_weights``: OEA's and MassFloor's sets, but the kept native experts keep their native
   weights and fillers get weight 0 (the routing contract fills freed slots and rescales to the
   native mass instead).
@@ -129,6 +138,121 @@ class FillPrice(_Pruning):
         return loss[:, None] + in_k * (prob - spare[:, None]).clamp_min(0)
 
 
+def _pick(y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[T, E, d] outputs, [T, n] ids -> [T, n, d]."""
+    return y.gather(1, ids[..., None].expand(-1, -1, y.shape[-1]))
+
+
+def _mix(p: torch.Tensor, ys: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """The shared step's output: expert outputs ``ys`` weighted by ``p`` rescaled to the native mass."""
+    return mass[..., None] * (p[..., None] * ys).sum(-2) / p.sum(-1, keepdim=True)
+
+
+def expert_outputs(step: Step, layer: int):
+    """Every expert's output on every row of this call of MoE layer ``layer`` (from
+    ``OutputOracle.inputs``): softmax probabilities [T, E], outputs [T, E, d], the native layer
+    output [T, d] and each row's native weight sum [T], float64."""
+    x, experts = OutputOracle.inputs[layer]
+    T, E = step.logits.shape
+    ids = torch.arange(E).repeat(T)[:, None]
+    y = experts(x.repeat_interleave(E, 0), ids, torch.ones_like(ids, dtype=x.dtype)).view(T, E, -1).double()
+    prob = torch.softmax(step.logits.double(), -1)
+    mass = step.native_w.double().sum(-1)
+    return prob, y, _mix(prob.gather(1, step.native_ids), _pick(y, step.native_ids), mass), mass
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOracle(_Pruning):
+    """Loss: the row's relative layer-output error, from every expert's output on the row.
+    ``inputs[i]`` (layer index -> (router input [T, d], experts module)) is set by a router
+    pre-hook (``expert_inputs``) before each call."""
+
+    name: ClassVar[str] = "output_oracle"
+    lam: float = 0.05
+    p: float = 2.0
+    relative: bool = True          # False: errors over the step's mean output norm, not the row's
+    inputs: ClassVar[dict] = {}
+
+    def for_layer(self, index: int) -> Policy:
+        out = dataclasses.replace(self)
+        object.__setattr__(out, "_i", index)
+        return out
+
+    def table(self, step: Step):
+        return expert_outputs(step, self._i)
+
+    def without(self, step: Step, table, keep: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        prob, y, y0, mass = table
+        K = step.top_k
+        top = prob.masked_fill(~keep[None, :], -1.0).topk(K + 1, dim=-1)    # keep holds > K experts
+        ids = top.indices                                                   # [T, K+1]: selection, then spare
+        ys = _pick(y, ids)
+        # Removing slot s: the spare takes its place.
+        p = top.values[:, None, :].expand(-1, K, -1).clone()               # [T, K(removed), K+1]
+        p[:, torch.arange(K), torch.arange(K)] = 0.0
+        out = _mix(p, ys[:, None].expand(-1, K, -1, -1), mass[:, None])   # [T, K, d]
+        norm = y0.norm(dim=-1, keepdim=True)
+        err = (out - y0[:, None]).norm(dim=-1) / (norm if self.relative else norm.mean()).clamp_min(1e-12)
+        return loss[:, None].expand_as(prob).clone().scatter(1, ids[:, :K], err)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowNormFillPrice(FillPrice):
+    """``fill_price`` with each row's loss times its native layer-output norm over the step's
+    mean (taken from every expert's output, as ``output_oracle``): does the oracle's gain come
+    from knowing which rows' outputs are large?"""
+
+    name: ClassVar[str] = "rownorm_fill_price"
+
+    for_layer = OutputOracle.for_layer
+
+    def table(self, step: Step) -> torch.Tensor:
+        y0 = expert_outputs(step, self._i)[2]
+        norm = y0.norm(dim=-1)
+        return super().table(step) * (norm / norm.mean().clamp_min(1e-12))[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotNormFillPrice(FillPrice):
+    """``fill_price`` counting each (row, expert) as its probability times the norm of that
+    expert's output on that row (over the step's mean, from every expert's output), a freed slot
+    costing ``|size - spare's size|``; rows still choose inside keep by probability. Does the
+    oracle's gain come from the outputs' sizes?"""
+
+    name: ClassVar[str] = "slotnorm_fill_price"
+
+    for_layer = OutputOracle.for_layer
+
+    def table(self, step: Step):
+        prob, y, _, _ = expert_outputs(step, self._i)
+        size = prob * y.norm(dim=-1)
+        return prob, size / size.gather(1, step.native_ids).sum(-1, keepdim=True).mean()
+
+    def without(self, step: Step, table, keep: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        prob, size = table
+        top = prob.masked_fill(~keep[None, :], -1.0).topk(step.top_k + 1, dim=-1)
+        spare = size.gather(1, top.indices[:, step.top_k:])                       # [T, 1]
+        in_k = torch.zeros_like(prob, dtype=torch.bool).scatter(1, top.indices[:, :step.top_k], True)
+        return loss[:, None] + in_k * (size - spare).abs()       # a larger spare is a change too
+
+
+@contextlib.contextmanager
+def expert_inputs(model):
+    """While active, each router's input and its experts module are left in ``OutputOracle.inputs``."""
+    def stash(i, experts):
+        def hook(module, args):
+            OutputOracle.inputs[i] = (args[0], experts)
+        return hook
+    handles = [layer.router.register_forward_pre_hook(stash(i, layer.experts))
+               for i, layer in enumerate(hf.moe_layers(model))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        OutputOracle.inputs.clear()
+
+
 @dataclasses.dataclass(frozen=True)
 class NormScaled(Policy):
     """``inner`` deciding on ``w * s_e`` (slots re-sorted by it); ``scales`` [L, E] is set by ``main``."""
@@ -227,6 +351,10 @@ def variants(top_k: int) -> dict[str, list[Policy]]:
         "price": [Price(0.004, 2.0), Price(0.016, 2.0), Price(0.032, 2.0), Price(0.002, 3.0), Price(0.006, 3.0)],
         "fill_price": [FillPrice(0.002, 2.0), FillPrice(0.005, 2.0), FillPrice(0.01, 2.0), FillPrice(0.0005, 3.0),
                        FillPrice(0.002, 3.0)],
+        "output_oracle": [OutputOracle(lam, 2.0) for lam in (0.03, 0.06, 0.1, 0.15)],
+        "output_oracle_abs": [OutputOracle(lam, 2.0, False) for lam in (0.02, 0.035, 0.06, 0.1)],
+        "rownorm_fill_price": [RowNormFillPrice(lam, 2.0) for lam in (0.002, 0.005, 0.01)],
+        "slotnorm_fill_price": [SlotNormFillPrice(lam, 2.0) for lam in (0.001, 0.002, 0.004)],
         "capped": [Capped(m, c) for c in (top_k // 2, top_k // 2 - 1) for m in (0.8, 0.7, 0.6)],
         "norm_scaled": [NormScaled(mild), NormScaled(deep), NormScaled(MassFloor(0.7)), NormScaled(MassFloor(0.6))],
         "native_weights": [NativeWeights(mild), NativeWeights(deep), NativeWeights(MassFloor(0.7)),
@@ -251,7 +379,7 @@ def main() -> None:
         fams = {f: fams[f] for f in args.variants.split(",")}
     if "norm_scaled" in fams:
         NormScaled.scales = output_scales(model, tokenizer, texts)
-    with native_weight_rule():
+    with native_weight_rule(), expert_inputs(model):
         rows = frontier(model, tokenizer, texts, fams, [args.batch_size],
                         EvalConfig(ppl_per_domain=args.ppl_per_domain, gen_prompts=0))
     print(f"{model_dir}, batch {args.batch_size}, test split, {args.ppl_per_domain} rows per domain")

@@ -64,3 +64,49 @@ def test_saved_at_reads_the_curve_linearly_from_native():
     assert ablation.saved_at(rows, 0.5) == pytest.approx(0.275)
     assert ablation.saved_at(rows, 0.1) == pytest.approx(0.1)
     assert ablation.saved_at(rows, 0.7) is None
+
+
+def _oracle_setup(T=12, E=16, K=4, d=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x, W = torch.randn(T, d, generator=g), torch.randn(E, d, d, generator=g)
+
+    def experts(h, ids, w):   # what the oracle asks of an experts module: one expert per row here
+        return torch.einsum("td,tdf->tf", h, W[ids[:, 0]]) * w
+    ablation.OutputOracle.inputs[0] = (x, experts)
+    return _logits(T, E, seed), K, torch.einsum("td,edf->tef", x, W).double()
+
+
+def test_output_oracle_predicts_the_error_of_routing_inside_the_smaller_set():
+    logits, K, y = _oracle_setup()
+    policy = ablation.OutputOracle(0.1, 2.0).for_layer(0)
+    prob = torch.softmax(logits.double(), -1)
+    native = prob.topk(K, dim=-1)
+    step = lynx.policies.Step(logits, native.indices, native.values.float(), None, float(len(logits)), K)
+    keep = torch.zeros(logits.shape[1], dtype=torch.bool).scatter(0, native.indices.flatten(), True)
+
+    def output(kept):   # the shared step by hand: top-k inside kept, weights rescaled to the native mass
+        top = prob.masked_fill(~kept, -1).topk(K, dim=-1)
+        w = top.values / top.values.sum(-1, keepdim=True) * native.values.sum(-1, keepdim=True)
+        return (w[..., None] * y.gather(1, top.indices[..., None].expand(-1, -1, y.shape[-1]))).sum(1)
+
+    y0 = output(keep)
+    new = policy.without(step, policy.table(step), keep, torch.zeros(len(logits), dtype=torch.float64))
+    for e in keep.nonzero().flatten().tolist():
+        smaller = keep.clone()
+        smaller[e] = False
+        want = (output(smaller) - y0).norm(dim=-1) / y0.norm(dim=-1)
+        assert torch.allclose(new[:, e], want, atol=1e-9)
+    ablation.OutputOracle.inputs.clear()
+
+
+@pytest.mark.parametrize("make", [ablation.OutputOracle, ablation.RowNormFillPrice, ablation.SlotNormFillPrice],
+                         ids=["output_oracle", "rownorm_fill_price", "slotnorm_fill_price"])
+def test_oracles_keep_native_experts_and_cut_more_at_a_higher_price(make):
+    logits, K, _ = _oracle_setup(T=32, E=64, K=8, d=6)
+    native = lynx.route(logits, K, lynx.TopK()).ids
+    routed = [lynx.route(logits, K, make(lam, 2.0).for_layer(0)).ids for lam in (0.0, 0.01, 1.0, 1e9)]
+    assert all(set(r.flatten().tolist()) <= set(native.flatten().tolist()) for r in routed)
+    counts = [int(distinct_experts(r[None], None, 64)[0]) for r in routed]
+    assert counts[0] == int(distinct_experts(lynx.route(logits, K, lynx.TopK()).ids[None], None, 64)[0])
+    assert counts == sorted(counts, reverse=True) and counts[-1] < counts[1] < counts[0]
+    ablation.OutputOracle.inputs.clear()
