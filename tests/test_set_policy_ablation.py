@@ -99,10 +99,12 @@ def test_output_oracle_predicts_the_error_of_routing_inside_the_smaller_set():
     ablation.OutputOracle.inputs.clear()
 
 
-@pytest.mark.parametrize("make", [ablation.OutputOracle, ablation.RowNormFillPrice, ablation.SlotNormFillPrice],
-                         ids=["output_oracle", "rownorm_fill_price", "slotnorm_fill_price"])
+@pytest.mark.parametrize("make", [ablation.OutputOracle, ablation.RowNormFillPrice, ablation.SlotNormFillPrice,
+                                  ablation.PredictedSlotNorm],
+                         ids=["output_oracle", "rownorm_fill_price", "slotnorm_fill_price", "predicted_slotnorm"])
 def test_oracles_keep_native_experts_and_cut_more_at_a_higher_price(make):
     logits, K, _ = _oracle_setup(T=32, E=64, K=8, d=6)
+    ablation.PredictedSlotNorm.fits = [torch.randn(3 * 64 + 2, 64, generator=torch.Generator().manual_seed(2)).double() * 0.01]
     native = lynx.route(logits, K, lynx.TopK()).ids
     routed = [lynx.route(logits, K, make(lam, 2.0).for_layer(0)).ids for lam in (0.0, 0.01, 1.0, 1e9)]
     assert all(set(r.flatten().tolist()) <= set(native.flatten().tolist()) for r in routed)
@@ -110,3 +112,16 @@ def test_oracles_keep_native_experts_and_cut_more_at_a_higher_price(make):
     assert counts[0] == int(distinct_experts(lynx.route(logits, K, lynx.TopK()).ids[None], None, 64)[0])
     assert counts == sorted(counts, reverse=True) and counts[-1] < counts[1] < counts[0]
     ablation.OutputOracle.inputs.clear()
+
+
+def test_size_fit_recovers_a_linear_law_and_weighs_the_near_slots():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    A = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    near = torch.rand(400, 5, generator=g) < 0.3
+    assert torch.allclose(ablation._fit_sizes(X, X @ A, near, 1e-12), A, atol=1e-6)
+    # Targets off the law only on far slots: the near slots' weight pulls the fit towards A.
+    noisy = torch.where(near, X @ A, X @ A + 3 * torch.randn(400, 5, generator=g, dtype=torch.float64))
+    fit = ablation._fit_sizes(X, noisy, near, 1e-12)
+    plain = torch.linalg.lstsq(X, noisy).solution
+    assert (fit - A).norm() < 0.5 * (plain - A).norm()
