@@ -32,7 +32,8 @@ host sync per iteration, fine for measuring quality, useless for serving.
   pays. All four run every expert and, like ``fill_price``, assume softmax scoring.
 - ``predicted_slotnorm``: ``slotnorm_fill_price`` with each expert's output norm on the row
   predicted from the router logits alone, by a per-layer fit on the calibration half
-  (``size_predictors``): a rule a serving policy could run (logits and one matrix per layer).
+  (``lynx_moe.measure.sizes``): pruned greedily, one expert per host sync; ``lynx_moe.SizePrice``
+  is the serving form (tensor rounds, no host sync), measured by ``lynx frontier``.
 - ``native_weights``: OEA's and MassFloor's sets, but the kept native experts keep their native
   weights and fillers get weight 0 (the routing contract fills freed slots and rescales to the
   native mass instead).
@@ -62,8 +63,9 @@ from lynx_moe.measure.frontier import frontier, saved_at
 from lynx_moe.measure.models import load_model
 from lynx_moe.measure.quality import EvalConfig
 from lynx_moe.measure.similarity import router_inputs
+from lynx_moe.measure.sizes import size_fits
 from lynx_moe.measure.tune import split_texts
-from lynx_moe.policies import OEA, MassFloor, Policy, Step, TopK, _expand, _rows_first
+from lynx_moe.policies import OEA, MassFloor, Policy, Step, TopK, _expand, _rows_first, size_features
 from lynx_moe.routing import Routing, route
 
 
@@ -239,59 +241,18 @@ class SlotNormFillPrice(FillPrice):
         return loss[:, None] + in_k * (size - spare).abs()       # a larger spare is a change too
 
 
-def _size_features(logits: torch.Tensor) -> torch.Tensor:
-    """[T, 3E+2] float64: a row's logits, softmax probabilities, squared logits, logsumexp and 1."""
-    z = logits.double()
-    return torch.cat([z, torch.softmax(z, -1), z * z, z.logsumexp(-1, keepdim=True), torch.ones_like(z[:, :1])], 1)
-
-
-def _fit_sizes(X: torch.Tensor, Y: torch.Tensor, near: torch.Tensor, ridge: float) -> torch.Tensor:
-    """[F, E]: per expert, ridge regression of ``Y[:, e]`` on ``X``, rows where the expert is
-    among the row's top 2k (``near``) weighing 20 times the others."""
-    W = (near.double() + 0.05).T[:, :, None]                                   # [E, N, 1]
-    XtWX = X.T[None] @ (W * X[None])                                           # [E, F, F]
-    XtWY = (X.T[None] @ (W * Y.T[:, :, None]))                                 # [E, F, 1]
-    eye = ridge * X.shape[0] * torch.eye(X.shape[1], dtype=X.dtype)
-    return torch.linalg.solve(XtWX + eye, XtWY)[..., 0].T
-
-
-@torch.no_grad()
-def size_predictors(model, tokenizer, texts: dict[str, list[str]], rows: int = 16,
-                    ridge: float = 1e-3) -> tuple[list[torch.Tensor], list[float]]:
-    """Per MoE layer an [3E+2, E] fit of ``log |f_e(x)|`` (expert e's output norm on row x) on
-    the row's router logits (``_size_features``, ``_fit_sizes``), from every expert's output on
-    ``rows`` x 128 tokens of the calibration half; and each layer's R^2 over the slots that matter
-    (each row's top 2k experts) on the last quarter of those tokens, fitted on the rest."""
-    calib, _ = split_texts(texts)
-    tokens = token_batch(calib, tokenizer, rows, 128, model.get_input_embeddings().num_embeddings)
-    fits, r2 = [], []
-    for layer, x in zip(hf.moe_layers(model), router_inputs(model, tokens)):
-        E = layer.num_experts
-        ids = torch.arange(E).repeat(256)[:, None]
-        norms = [layer.experts(c.repeat_interleave(E, 0), ids[:c.shape[0] * E], torch.ones_like(ids[:c.shape[0] * E], dtype=x.dtype))
-                 .view(c.shape[0], E, -1).double().norm(dim=-1) for c in x.split(256)]
-        logits = layer.router(x)[0]
-        X, Y = _size_features(logits), torch.cat(norms).clamp_min(1e-12).log()
-        near = torch.zeros_like(Y, dtype=torch.bool).scatter(1, logits.topk(2 * hf.moe_shape(model)[1], -1).indices, True)
-        n = 3 * X.shape[0] // 4
-        res = (Y[n:] - X[n:] @ _fit_sizes(X[:n], Y[:n], near[:n], ridge))[near[n:]]
-        r2.append(float(1 - res.pow(2).sum() / (Y[n:][near[n:]] - Y[n:][near[n:]].mean()).pow(2).sum()))
-        fits.append(_fit_sizes(X, Y, near, ridge))
-    return fits, r2
-
-
 @dataclasses.dataclass(frozen=True)
 class PredictedSlotNorm(SlotNormFillPrice):
     """``slotnorm_fill_price`` with each expert's output norm on the row predicted from the
-    router logits alone (``size_predictors``, fitted on the calibration half): a policy that needs
-    only the logits and one [3E+2, E] matrix per layer. ``fits`` is set by ``main``."""
+    router logits alone (``lynx_moe.measure.sizes``, fitted on the calibration half): the greedy,
+    host-synced form of ``lynx_moe.SizePrice``. ``fits`` is set by ``main``."""
 
     name: ClassVar[str] = "predicted_slotnorm"
     fits: ClassVar[list] = []
 
     def table(self, step: Step):
         prob = torch.softmax(step.logits.double(), -1)
-        size = prob * (_size_features(step.logits) @ self.fits[self._i]).exp()
+        size = prob * (size_features(step.logits).double() @ self.fits[self._i].double()).exp()
         return prob, size / size.gather(1, step.native_ids).sum(-1, keepdim=True).mean()
 
 
@@ -402,8 +363,9 @@ def output_scales(model, tokenizer, texts: dict[str, list[str]]) -> torch.Tensor
     return torch.stack(out)
 
 
-def variants(top_k: int) -> dict[str, list[Policy]]:
+def variants(top_k: int, batch: int = 32) -> dict[str, list[Policy]]:
     mild, deep = OEA(top_k // 2), OEA(top_k // 2 - 1)
+    per_row = [lam * batch / 32 for lam in (0.001, 0.002, 0.004, 0.008, 0.016, 0.032)]   # the price is summed over rows
     return {
         "oea": [mild, deep],
         "mass_floor": [MassFloor(0.7), MassFloor(0.6)],
@@ -414,7 +376,7 @@ def variants(top_k: int) -> dict[str, list[Policy]]:
         "output_oracle_abs": [OutputOracle(lam, 2.0, False) for lam in (0.02, 0.035, 0.06, 0.1)],
         "rownorm_fill_price": [RowNormFillPrice(lam, 2.0) for lam in (0.002, 0.005, 0.01)],
         "slotnorm_fill_price": [SlotNormFillPrice(lam, 2.0) for lam in (0.002, 0.004, 0.008, 0.016)],
-        "predicted_slotnorm": [PredictedSlotNorm(lam, 2.0) for lam in (0.002, 0.004, 0.008, 0.016)],
+        "predicted_slotnorm": [PredictedSlotNorm(lam, 2.0) for lam in per_row],
         "capped": [Capped(m, c) for c in (top_k // 2, top_k // 2 - 1) for m in (0.8, 0.7, 0.6)],
         "norm_scaled": [NormScaled(mild), NormScaled(deep), NormScaled(MassFloor(0.7)), NormScaled(MassFloor(0.6))],
         "native_weights": [NativeWeights(mild), NativeWeights(deep), NativeWeights(MassFloor(0.7)),
@@ -434,13 +396,13 @@ def main() -> None:
     model_dir = args.model or str(reference_model_path())
     model, tokenizer = load_model(model_dir)
     texts = load_texts([default_data(Path(model_dir))])
-    fams = variants(hf.moe_shape(model)[1])
+    fams = variants(hf.moe_shape(model)[1], args.batch_size)
     if args.variants:
         fams = {f: fams[f] for f in args.variants.split(",")}
     if "norm_scaled" in fams:
         NormScaled.scales = output_scales(model, tokenizer, texts)
     if "predicted_slotnorm" in fams:
-        PredictedSlotNorm.fits, r2 = size_predictors(model, tokenizer, texts)
+        PredictedSlotNorm.fits, _, r2 = size_fits(model, tokenizer, texts)
         print("size predictor R^2 per layer (held-out calibration tokens): " + ", ".join(f"{v:.3f}" for v in r2))
     with native_weight_rule(), expert_inputs(model):
         rows = frontier(model, tokenizer, texts, fams, [args.batch_size],

@@ -31,6 +31,7 @@ from .policies import (
     MassFloor,
     PerLayer,
     Policy,
+    SizePrice,
     StaticK,
     TopK,
     XShare,
@@ -45,7 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Policy", "TopK", "AffinityBinning", "Confidence", "StaticK", "SER", "BatchTopN", "OEA",
-    "MassFloor", "XShare", "SERE", "PerLayer", "POLICIES", "parse_policy", "policy_from_dict", "load_policy", "presets",
+    "MassFloor", "XShare", "SERE", "SizePrice", "PerLayer", "POLICIES", "parse_policy", "policy_from_dict", "load_policy", "presets",
     "select_experts", "route", "Routing", "distinct_experts", "changed_assignments",
     "reference_model_path", "CostModel", "load_cost_model",
     "apply_", "remove_", "applied", "isolated", "routing_stats", "reset_stats",

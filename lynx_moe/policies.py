@@ -3,7 +3,8 @@
 A policy is only configuration. Each one answers a single question about one MoE layer in
 one forward pass, given the rows that vote (valid decode rows):
 
-- set policies (``AffinityBinning``, ``Confidence``, ``BatchTopN``, ``OEA``, ``MassFloor``, ``XShare``)
+- set policies (``AffinityBinning``, ``Confidence``, ``BatchTopN``, ``OEA``, ``MassFloor``, ``XShare``,
+  ``SizePrice``)
   return ``keep[E]``, the experts this step may use; ``routing.route`` then sends every
   voting row to its best experts inside that set;
 - row policies (``StaticK``, ``SER``) return how many of its native top-k experts each row
@@ -17,7 +18,8 @@ position in the model), so a step only ever sees a plain policy.
 
 ``SERE`` also needs model data: one ``[E, E]`` expert similarity matrix per layer, read from a
 file (``lynx similarity MODEL`` writes it) by ``for_layer(i)``, which returns a copy bound to
-layer i's matrix; ``route`` only ever sees that copy.
+layer i's matrix; ``route`` only ever sees that copy. ``SizePrice`` likewise reads one output-size
+fit per layer from a ``lynx sizes`` file.
 
 The maths is specified in ``docs/algorithms.md``. Policies round-trip through
 ``to_dict`` / ``policy_from_dict`` and through one-line specs for CLIs and environment
@@ -38,7 +40,7 @@ import torch
 __all__ = [
     "Policy", "TopK", "AffinityBinning", "Confidence", "StaticK", "SER", "BatchTopN",
     "OEA", "MassFloor", "XShare", "SERE", "PerLayer", "POLICIES", "policy_from_dict", "parse_policy", "load_policy",
-    "read_similarity", "SIMILARITY_KEY",
+    "read_similarity", "SIMILARITY_KEY", "SizePrice", "size_features", "read_sizes", "SIZES_KEY",
 ]
 
 
@@ -354,36 +356,48 @@ def _top_mass(step: Step, n: int, forced: torch.Tensor | None) -> torch.Tensor:
 SIMILARITY_KEY = "similarity"   # the [L, E, E] tensor of a ``lynx similarity`` file (safetensors)
 
 
-def _open_similarity(path: str | Path, read):
-    """``read(slice, shape)`` on the checked ``[L, E, E]`` tensor of a similarity file."""
+def _open_tensor(path: str | Path, key: str, what: str, how: str, layout: str, fits, read):
+    """``read(slice, shape)`` on tensor ``key`` of a safetensors file, after ``fits(shape)``
+    (ValueError naming the file and the expected ``layout`` otherwise)."""
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError as e:
-        raise ImportError("reading a SERE similarity file needs safetensors: pip install 'lynx-moe[hf]'") from e
-    how = "compute one with `lynx similarity MODEL` (or --out FILE)"
+        raise ImportError(f"reading a {what} needs safetensors: pip install 'lynx-moe[hf]'") from e
     if not Path(path).is_file():
-        raise ValueError(f"SERE similarity file {str(path)!r} not found: {how}")
+        raise ValueError(f"{what} {str(path)!r} not found: {how}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            if SIMILARITY_KEY not in f.keys():
-                raise ValueError(f"{path}: no {SIMILARITY_KEY!r} tensor in it ({how})")
-            part = f.get_slice(SIMILARITY_KEY)
+            if key not in f.keys():
+                raise ValueError(f"{path}: no {key!r} tensor in it ({how})")
+            part = f.get_slice(key)
             shape = tuple(part.get_shape())
-            if len(shape) != 3 or shape[1] != shape[2] or 0 in shape:
-                raise ValueError(f"{path}: {SIMILARITY_KEY!r} must be [layers, experts, experts], got {list(shape)}")
+            if not fits(shape) or 0 in shape:
+                raise ValueError(f"{path}: {key!r} must be {layout}, got {list(shape)}")
             return read(part, shape)
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def read_similarity(path: str | Path, index: int | None = None) -> torch.Tensor:
-    """Expert similarities from a ``lynx similarity`` file: ``[L, E, E]`` float32, or layer
-    ``index``'s ``[E, E]`` (only that slice is read). ValueError names the file."""
+def _read_layers(path: str | Path, index: int | None):
+    """A ``read`` for ``_open_tensor``: the whole ``[L, ...]`` tensor, or layer ``index``'s slice."""
     def read(part, shape):
         if index is not None and not 0 <= index < shape[0]:
             raise ValueError(f"{path}: has {shape[0]} layers, no MoE layer {index}")
         return (part[:] if index is None else part[index]).float()
-    return _open_similarity(path, read)
+    return read
+
+
+def _open_similarity(path: str | Path, read):
+    """``read(slice, shape)`` on the checked ``[L, E, E]`` tensor of a similarity file."""
+    return _open_tensor(path, SIMILARITY_KEY, "SERE similarity file", "compute one with `lynx similarity MODEL` "
+                        "(or --out FILE)", "[layers, experts, experts]",
+                        lambda shape: len(shape) == 3 and shape[1] == shape[2], read)
+
+
+def read_similarity(path: str | Path, index: int | None = None) -> torch.Tensor:
+    """Expert similarities from a ``lynx similarity`` file: ``[L, E, E]`` float32, or layer
+    ``index``'s ``[E, E]`` (only that slice is read). ValueError names the file."""
+    return _open_similarity(path, _read_layers(path, index))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,6 +470,113 @@ class SERE(Policy):
         return torch.where(swap, best_p, ids)
 
 
+SIZES_KEY = "sizes"   # the [L, 3E+2, E] tensor of a ``lynx sizes`` file (safetensors)
+
+
+def size_features(logits: torch.Tensor) -> torch.Tensor:
+    """``[T, 3E+2]`` float32: what ``SizePrice`` predicts a row's expert output sizes from: its
+    logits clamped to [-30, 30] (-inf outside a row's groups counts as -30), their softmax, their
+    squares, their logsumexp and 1."""
+    z = logits.float().clamp(-30.0, 30.0)
+    return torch.cat([z, torch.softmax(z, -1), z * z, z.logsumexp(-1, keepdim=True), torch.ones_like(z[:, :1])], 1)
+
+
+def read_sizes(path: str | Path, index: int | None = None) -> torch.Tensor:
+    """Output-size fits from a ``lynx sizes`` file: ``[L, 3E+2, E]`` float32, or layer ``index``'s
+    ``[3E+2, E]``. ValueError names the file."""
+    return _open_tensor(path, SIZES_KEY, "size_price sizes file", "compute one with `lynx sizes --model MODEL` "
+                        "(or --out FILE)", "[layers, 3 * experts + 2, experts]",
+                        lambda shape: len(shape) == 3 and shape[1] == 3 * shape[2] + 2, _read_layers(path, index))
+
+
+@dataclasses.dataclass(frozen=True)
+class SizePrice(Policy):
+    """Ours (docs/algorithms.md, section 4d): prune the batch's native union of experts while
+    removing one costs at most ``lam``. A (row, slot)'s size is its softmax probability times
+    ``|f_e(x)|``, expert e's output norm on the row, predicted from the logits alone by a
+    per-layer linear fit on ``size_features`` (``lynx sizes`` computes it once per model from
+    held-out text); removing an expert frees its slots in the rows that have it in their top k
+    inside the kept set, each filled by the row's next kept expert, and adds ``|size - the
+    filler's size|`` (over the step's mean native size) to the row's loss; an expert's cost is
+    the change of ``mean over voting rows of loss**p`` (per row, so one ``lam`` fits every batch
+    size). Each of ``rounds`` rounds removes every
+    expert whose cost is at most ``lam`` and lower (ties: lower index) than that of every other
+    such expert sharing a voting row's top k+1 with it: such removals touch different rows, so
+    their costs add up exactly. At least ``top_k`` experts stay. Assumes softmax scoring (on
+    sigmoid models the cost is a proxy: not measured).
+
+    ``sizes``: a ``lynx sizes`` file; ``for_layer(i)`` returns a copy bound to layer i's fit,
+    ``bound(fit)`` one bound to a given ``[3E+2, E]`` tensor. Routing an unbound one raises."""
+
+    name: ClassVar[str] = "size_price"
+    kind: ClassVar[str] = "set"
+    text_fields: ClassVar[tuple[str, ...]] = ("sizes",)
+    lam: float = 0.0005
+    p: float = 2.0
+    rounds: int = 16
+    sizes: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(_is_num(self.lam) and self.lam >= 0, "lam", f"must be a number >= 0, got {self.lam!r}")
+        _check(_is_num(self.p) and self.p >= 1, "p", f"must be a number >= 1, got {self.p!r}")
+        _check(_is_int(self.rounds) and self.rounds >= 1, "rounds", f"must be an integer >= 1, got {self.rounds!r}")
+        _check(self.sizes is None or (isinstance(self.sizes, str) and self.sizes.strip() != ""),
+               "sizes", f"must be a file path or None, got {self.sizes!r}")
+
+    def check_layers(self, num_layers: int) -> None:
+        if self.sizes is not None:
+            layers = read_sizes(self.sizes).shape[0]
+            _check(layers == num_layers, "sizes", f"{self.sizes} has {layers} layers but the model has {num_layers} MoE layers")
+
+    def for_layer(self, index: int) -> Policy:
+        return self if self.sizes is None else self.bound(read_sizes(self.sizes, index))
+
+    def bound(self, fit: torch.Tensor) -> SizePrice:
+        """A copy that predicts sizes with ``fit`` (``[3E+2, E]``, finite). Not part of the config."""
+        ok = (isinstance(fit, torch.Tensor) and fit.is_floating_point() and fit.dim() == 2
+              and fit.shape[0] == 3 * fit.shape[1] + 2)
+        _check(ok, "sizes", "a bound fit must be a float tensor [3E+2, E]")
+        _check(bool(torch.isfinite(fit).all()), "sizes", "fit values must be finite")
+        out = dataclasses.replace(self)
+        object.__setattr__(out, "_fit", fit.detach().float())
+        return out
+
+    def keep(self, step: Step) -> torch.Tensor:
+        fit = getattr(self, "_fit", None)
+        if fit is None:
+            raise ValueError(f"{self} has no size fit: give sizes=FILE (`lynx sizes --model MODEL` writes "
+                             "MODEL/sizes/sizes.safetensors) and route policy.for_layer(i), or use policy.bound(fit)")
+        T, E = step.logits.shape
+        K = step.top_k
+        _check(fit.shape[1] == E, "sizes", f"the fit is {list(fit.shape)} but the layer has E={E} experts")
+        keep = _expand(step, _rows_first(step, _full(step, K)))           # the voting rows' native union
+        if E <= K:
+            return keep
+        dev = keep.device
+        vote = torch.ones(T, device=dev) if step.vote is None else step.vote.float()
+        prob = torch.softmax(step.logits.float(), -1)
+        size = prob * (size_features(step.logits) @ fit.to(prob.device)).exp()
+        voters = vote.sum().clamp_min(1)
+        size = size / size.gather(1, step.native_ids).sum(-1).mul(vote).sum().div(voters).clamp_min(1e-30)
+        loss = torch.zeros(T, device=dev)
+        idx = torch.arange(E, device=dev)
+        for _ in range(self.rounds):   # a fixed count: no host sync
+            top = prob.masked_fill(~keep[None, :], -1.0).topk(K + 1, dim=-1)
+            spare = torch.where(top.values[:, K:] >= 0, size.gather(1, top.indices[:, K:]), 0.0)
+            delta = torch.zeros_like(prob).scatter(1, top.indices[:, :K], 1.0) * (size - spare).abs()
+            cost = (((loss[:, None] + delta) ** self.p - loss[:, None] ** self.p) * vote[:, None]).sum(0) / voters
+            cost = cost.masked_fill(~keep, torch.inf)
+            cand = cost <= self.lam
+            near = torch.zeros_like(prob).scatter(1, top.indices, (top.values >= 0).float()) * vote[:, None]
+            shared = (near.T @ near) > 0                                                      # [E, E]
+            better = (cost[:, None] < cost[None, :]) | ((cost[:, None] == cost[None, :]) & (idx[:, None] < idx[None, :]))
+            chosen = cand & ~(shared & cand[None, :] & better.T).any(1)      # no cheaper candidate beside it
+            chosen = chosen & ((better & chosen[:, None]).sum(0) < keep.sum() - K)   # at least K stay
+            loss = loss + (delta * chosen[None, :]).sum(1)
+            keep = keep & ~chosen
+        return keep
+
+
 @dataclasses.dataclass(frozen=True)
 class PerLayer(Policy):
     """One policy per MoE layer, in layer order. Spec: ``per_layer(SPEC;SPEC;...)``; dict:
@@ -495,7 +616,7 @@ class PerLayer(Policy):
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (TopK, AffinityBinning, Confidence, StaticK, SER, BatchTopN, OEA, MassFloor, XShare, SERE,
-                              PerLayer)
+                              SizePrice, PerLayer)
 }
 
 

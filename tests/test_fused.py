@@ -70,10 +70,10 @@ def assert_same(ref, fast, exact_weights: bool = True) -> None:
 
 
 def test_every_set_policy_is_fused_on_cpu():
-    """TopK needs no kernel; SERE (a substitution through a similarity matrix) and MassFloor (not
-    fused yet) run the reference."""
+    """TopK needs no kernel; SERE (a substitution through a similarity matrix), MassFloor and
+    SizePrice (not fused yet) run the reference."""
     for cls in set(lynx.POLICIES.values()) - {lynx.PerLayer}:   # PerLayer: fused per layer, entry by entry
-        assert (fused.policy_args(cls()) is None) == (cls in (lynx.TopK, lynx.SERE, lynx.MassFloor)), cls
+        assert (fused.policy_args(cls()) is None) == (cls in (lynx.TopK, lynx.SERE, lynx.MassFloor, lynx.SizePrice)), cls
     assert fused.policy_args(lynx.AffinityBinning(1.0, 7)) is None   # beyond scalar pow: reference
 
 

@@ -12,7 +12,7 @@ import lynx_moe as lynx
 EVERY_POLICY = [lynx.TopK(), lynx.AffinityBinning(3.0, 2), lynx.AffinityBinning(1.0, None, protect_top1=True),
                 lynx.Confidence(1, 0.5), lynx.StaticK(4), lynx.SER(2, 0.3), lynx.BatchTopN(16),
                 lynx.OEA(2), lynx.MassFloor(0.7), lynx.XShare(16, 1), lynx.SERE(2, 0.3, "models/m/sere/similarity.safetensors"),
-                lynx.SERE(1, -0.5),
+                lynx.SERE(1, -0.5), lynx.SizePrice(), lynx.SizePrice(1e-3, 1.0, 4, "models/m/sizes/sizes.safetensors"),
                 lynx.PerLayer((lynx.AffinityBinning(3.0, 4), lynx.TopK(), lynx.OEA(3)))]
 
 
@@ -51,6 +51,12 @@ def test_parse_examples():
     (lambda: lynx.SERE(rho=float("nan")), "rho"),
     (lambda: lynx.SERE(similarity=""), "similarity"),
     (lambda: lynx.SERE(similarity=3), "similarity"),
+    (lambda: lynx.SizePrice(lam=-1.0), "lam"),
+    (lambda: lynx.SizePrice(lam=float("inf")), "lam"),
+    (lambda: lynx.SizePrice(p=0.5), "p"),
+    (lambda: lynx.SizePrice(rounds=0), "rounds"),
+    (lambda: lynx.SizePrice(rounds=2.5), "rounds"),
+    (lambda: lynx.SizePrice(sizes=" "), "sizes"),
 ])
 def test_bad_fields_name_the_field(make, field):
     with pytest.raises(ValueError, match=rf"^{field}:"):
@@ -140,6 +146,36 @@ def test_sere_refuses_bad_similarity_files(tmp_path, write, message):
         write(path)
     with pytest.raises(ValueError, match=message):
         lynx.SERE(2, 0.1, str(path)).for_layer(0)
+
+
+def test_size_price_binds_each_layers_fit_from_its_file(tmp_path):
+    fits = torch.randn(3, 26, 8) * 0.05
+    f = _similarity_file(tmp_path / "sizes.safetensors", fits, key="sizes")
+    p = lynx.parse_policy(f"size_price:lam=0.01,sizes={f}")
+    assert p == lynx.SizePrice(0.01, sizes=f)
+    p.check_layers(3)
+    bound = [p.for_layer(i) for i in range(3)]
+    assert all(b == p for b in bound) and torch.equal(bound[2]._fit, fits[2])   # the fit is not config
+    assert lynx.select_experts(torch.randn(16, 8), 4, bound[1])[1].shape == (16, 4)
+    with pytest.raises(ValueError, match="has 3 layers but the model has 2 MoE layers"):
+        p.check_layers(2)
+    with pytest.raises(ValueError, match="has 3 layers, no MoE layer 5"):
+        p.for_layer(5)
+
+
+@pytest.mark.parametrize("write, message", [
+    (None, "not found: compute one with `lynx sizes --model MODEL`"),
+    (lambda p: _similarity_file(p, torch.zeros(2, 24, 8), key="sizes"),
+     r"must be \[layers, 3 \* experts \+ 2, experts\], got \[2, 24, 8\]"),
+    (lambda p: _similarity_file(p, torch.zeros(1, 26, 8)), "no 'sizes' tensor"),
+    (lambda p: _similarity_file(p, torch.full((1, 26, 8), float("inf")), key="sizes"), "finite"),
+])
+def test_size_price_refuses_bad_sizes_files(tmp_path, write, message):
+    path = tmp_path / "sizes.safetensors"
+    if write is not None:
+        write(path)
+    with pytest.raises(ValueError, match=message):
+        lynx.SizePrice(sizes=str(path)).for_layer(0)
 
 
 def test_policy_from_dict_needs_name():

@@ -43,9 +43,17 @@ def similarity(E: int, seed: int, ties: bool = False) -> torch.Tensor:
     return torch.round(m, decimals=1) if ties else m
 
 
+def size_fit(E: int, seed: int, scale: float = 0.05) -> torch.Tensor:
+    """A random ``[3E+2, E]`` SizePrice fit: log output sizes that vary with the logits."""
+    return torch.randn(3 * E + 2, E, generator=torch.Generator().manual_seed(seed)) * scale
+
+
 @st.composite
 def policies(draw, top_k: int, experts: int):
-    name = draw(st.sampled_from(["topk", "static_k", "ser", "sere", *SET_POLICIES]))
+    name = draw(st.sampled_from(["topk", "static_k", "ser", "sere", "size_price", *SET_POLICIES]))
+    if name == "size_price":
+        return lynx.SizePrice(lam=draw(st.sampled_from([0.0, 1e-4, 1e-3, 1e-2, 1.0])), p=draw(st.sampled_from([1.0, 2.0])),
+                              rounds=draw(st.sampled_from([1, 4, 16]))).bound(size_fit(experts, draw(st.integers(0, 999))))
     if name == "sere":
         sim = similarity(experts, draw(st.integers(0, 999)), ties=draw(st.booleans()))
         return lynx.SERE(draw(st.integers(1, top_k)), draw(st.sampled_from([-1.0, 0.0, 0.3, 0.7, 1.0]))).bound(sim)
@@ -249,7 +257,7 @@ def test_non_finite_logits():
     L[3, 5] = float("nan")
     for scoring in ("softmax", "softmax_topk", "sigmoid"):
         for policy in (lynx.TopK(), lynx.AffinityBinning(), lynx.OEA(1), lynx.SER(1, 0.5),
-                       lynx.SERE(1, 0.0).bound(similarity(16, 0))):
+                       lynx.SERE(1, 0.0).bound(similarity(16, 0)), lynx.SizePrice(1.0).bound(size_fit(16, 0))):
             w, ids = lynx.select_experts(L, 4, policy, scoring=scoring)
             assert torch.isfinite(w).all() and ((ids >= 0) & (ids < 16)).all()
             assert (torch.sort(ids, -1).values.diff(dim=-1) != 0).all()
@@ -298,7 +306,7 @@ def test_grouped_sigmoid_routing_matches_deepseek_v3_reference():
     torch.testing.assert_close(w, ref_w)
     # Policies stay inside each row's chosen groups and never exceed native.
     for policy in (lynx.AffinityBinning(1.0, 2), lynx.OEA(1), lynx.XShare(4, 1),
-                   lynx.SERE(1, -1.0).bound(similarity(E, 1))):
+                   lynx.SERE(1, -1.0).bound(similarity(E, 1)), lynx.SizePrice(1.0).bound(size_fit(E, 1))):
         pw, pids = lynx.select_experts(L, k, policy, renormalize=True, scoring="sigmoid", **kw)
         assert lynx.distinct_experts(pids) <= lynx.distinct_experts(ids)
         assert gmask.gather(1, pids).bool().all(), f"{policy} left a row's groups"
@@ -364,6 +372,92 @@ def test_sere_needs_a_matrix_of_the_layers_size():
         lynx.SERE().bound(torch.ones(8, 6))
 
 
+def test_size_price_worked_example():
+    """Top-1 of 3 experts; rows 0 and 1 are mirror images (0.525 / 0.475 between two experts),
+    row 2 is sure of expert 1. With a fit that says expert 2's outputs are 10 times the others'
+    (only the constant feature: log size 0, 0, log 10), removing expert 0 changes row 0's output
+    size by |0.525 - 0.475| and costs little; removing expert 2 changes row 1's by
+    |5.25 - 0.475| and costs a lot; removing 1 leaves row 2 with nothing near. So expert 0 goes
+    and row 0 moves to expert 1, the others stay."""
+    L = torch.tensor([[2.0, 1.9, -5.0], [-5.0, 1.9, 2.0], [-5.0, 2.0, -5.0]])
+    fit = torch.zeros(11, 3)
+    fit[-1] = torch.tensor([0.0, 0.0, 10.0]).log().clamp_min(0)
+    prob = torch.softmax(L, -1)
+    size = prob * torch.tensor([1.0, 1.0, 10.0])
+    mean_native = (size[0, 0] + size[1, 2] + size[2, 1]) / 3
+    cost0 = float(((size[0, 0] - size[0, 1]) / mean_native) ** 2 / 3)          # mean over the 3 rows
+    r = lynx.route(L, 1, lynx.SizePrice(lam=cost0 * 1.01).bound(fit))
+    assert r.native_ids.tolist() == [[0], [2], [1]] and r.ids.tolist() == [[1], [2], [1]]
+    assert torch.equal(lynx.route(L, 1, lynx.SizePrice(lam=cost0 * 0.99).bound(fit)).ids, r.native_ids)
+    # Every size alike, expert 2 is as cheap as 0 (about 0.002 each) and both go; 1 (0.7) stays.
+    assert lynx.route(L, 1, lynx.SizePrice(lam=0.01).bound(torch.zeros(11, 3))).ids.tolist() == [[1], [1], [1]]
+
+
+def _size_price_reference(L: torch.Tensor, k: int, policy, fit: torch.Tensor) -> list[int]:
+    """SizePrice's kept experts with every row voting, written as loops from the docstring."""
+    T, E = L.shape
+    prob = torch.softmax(L.float(), -1)
+    size = (prob * (lynx.policies.size_features(L) @ fit).exp()).tolist()
+    native = [sorted(range(E), key=lambda e: (-prob[t, e].item(), e))[:k] for t in range(T)]
+    mean = sum(size[t][e] for t in range(T) for e in native[t]) / T
+    keep = sorted({e for row in native for e in row})
+    loss = [0.0] * T
+    for _ in range(policy.rounds):
+        near, delta = [], {}
+        for t in range(T):
+            order = sorted(keep, key=lambda e: (-prob[t, e].item(), e))
+            near.append(set(order[:k + 1]))
+            spare = size[t][order[k]] if len(order) > k else 0.0
+            for e in order[:k]:
+                delta[t, e] = abs(size[t][e] - spare) / mean
+        cost = {e: sum((loss[t] + delta.get((t, e), 0.0)) ** policy.p - loss[t] ** policy.p for t in range(T)) / T
+                for e in keep}
+        cand = [e for e in keep if cost[e] <= policy.lam]
+        chosen = [e for e in cand if not any((cost[f], f) < (cost[e], e) and any(e in n and f in n for n in near)
+                                             for f in cand)]
+        chosen = sorted(chosen, key=lambda e: (cost[e], e))[:len(keep) - k]
+        for t in range(T):
+            loss[t] += sum(delta.get((t, e), 0.0) for e in chosen)
+        keep = [e for e in keep if e not in chosen]
+    return keep
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_size_price_matches_a_plain_reference(data):
+    T, E = data.draw(st.integers(1, 24)), data.draw(st.integers(2, 24))
+    k = data.draw(st.integers(1, min(E, 4)))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    L = torch.randn(T, E, generator=g) + torch.randn(1, E, generator=g) * 2
+    fit = size_fit(E, data.draw(st.integers(0, 999)), scale=0.2)
+    policy = lynx.SizePrice(lam=data.draw(st.sampled_from([1e-3, 1e-2, 0.1])), p=data.draw(st.sampled_from([1.0, 2.0])),
+                            rounds=data.draw(st.integers(1, 4)))
+    r = lynx.route(L, k, policy.bound(fit))
+    used = sorted(set(r.ids.flatten().tolist()))
+    assert used == _size_price_reference(L, k, policy, fit)
+
+
+def test_size_price_lam_is_per_row():
+    """Every row twice: the same experts are kept (the price is a mean over voting rows)."""
+    g = torch.Generator().manual_seed(3)
+    L = torch.randn(16, 32, generator=g) + torch.randn(1, 32, generator=g) * 2
+    policy = lynx.SizePrice(2e-3).bound(size_fit(32, 3))
+    once, twice = lynx.route(L, 4, policy), lynx.route(L.repeat(2, 1), 4, policy)
+    assert torch.equal(twice.ids, once.ids.repeat(2, 1))
+    assert lynx.distinct_experts(once.ids) < lynx.distinct_experts(once.native_ids)
+
+
+def test_size_price_needs_a_fit_of_the_layers_size():
+    with pytest.raises(ValueError, match="no size fit.*lynx sizes --model MODEL"):
+        lynx.select_experts(torch.randn(4, 8), 2, lynx.SizePrice())
+    with pytest.raises(ValueError, match=r"the fit is \[20, 6\] but the layer has E=8"):
+        lynx.select_experts(torch.randn(4, 8), 2, lynx.SizePrice().bound(size_fit(6, 0)))
+    with pytest.raises(ValueError, match="finite"):
+        lynx.SizePrice().bound(torch.full((26, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"float tensor \[3E\+2, E\]"):
+        lynx.SizePrice().bound(torch.ones(8, 8))
+
+
 def test_distinct_and_changed():
     ids = torch.tensor([[0, 1], [1, 2], [5, 6]])
     assert int(lynx.distinct_experts(ids)) == 5
@@ -375,7 +469,8 @@ def test_distinct_and_changed():
 @pytest.mark.parametrize("policy", [lynx.TopK(), lynx.AffinityBinning(3.0, 2), lynx.Confidence(),
                                     lynx.StaticK(2), lynx.SER(2, 0.5), lynx.BatchTopN(8),
                                     lynx.OEA(2), lynx.MassFloor(0.7), lynx.XShare(8, 1),
-                                    lynx.SERE(2, 0.2).bound(similarity(64, 0))],
+                                    lynx.SERE(2, 0.2).bound(similarity(64, 0)),
+                                    lynx.SizePrice(1e-3).bound(size_fit(64, 0))],
                          ids=str)
 def test_compiles_fullgraph_without_host_sync(policy):
     """fullgraph=True fails on any graph break: .item(), data-sized nonzero(), Python loops

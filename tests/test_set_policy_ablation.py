@@ -112,16 +112,3 @@ def test_oracles_keep_native_experts_and_cut_more_at_a_higher_price(make):
     assert counts[0] == int(distinct_experts(lynx.route(logits, K, lynx.TopK()).ids[None], None, 64)[0])
     assert counts == sorted(counts, reverse=True) and counts[-1] < counts[1] < counts[0]
     ablation.OutputOracle.inputs.clear()
-
-
-def test_size_fit_recovers_a_linear_law_and_weighs_the_near_slots():
-    g = torch.Generator().manual_seed(3)
-    X = torch.randn(400, 6, generator=g, dtype=torch.float64)
-    A = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    near = torch.rand(400, 5, generator=g) < 0.3
-    assert torch.allclose(ablation._fit_sizes(X, X @ A, near, 1e-12), A, atol=1e-6)
-    # Targets off the law only on far slots: the near slots' weight pulls the fit towards A.
-    noisy = torch.where(near, X @ A, X @ A + 3 * torch.randn(400, 5, generator=g, dtype=torch.float64))
-    fit = ablation._fit_sizes(X, noisy, near, 1e-12)
-    plain = torch.linalg.lstsq(X, noisy).solution
-    assert (fit - A).norm() < 0.5 * (plain - A).norm()

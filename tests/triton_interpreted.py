@@ -72,9 +72,9 @@ def random_cases(data):
     case = data.draw(cases())
     policy = data.draw(policies(case["top_k"], case["router_logits"].shape[1]))
     got = triton_route(policy=policy, **case)
-    if got is None:   # TopK, SERE, MassFloor (not fused), or AffinityBinning's float path (the reference's own)
+    if got is None:   # TopK, SERE, MassFloor, SizePrice (not fused), or AffinityBinning's float path (the reference's own)
         T, E = case["router_logits"].shape
-        assert isinstance(policy, (lynx.TopK, lynx.SERE, lynx.MassFloor)) or (isinstance(policy, lynx.AffinityBinning) and (
+        assert isinstance(policy, (lynx.TopK, lynx.SERE, lynx.MassFloor, lynx.SizePrice)) or (isinstance(policy, lynx.AffinityBinning) and (
             policy.beta is None or not triton_kernels.takes(T, E, 0, policy.beta))), policy
         return
     check(reference(policy=policy, **case), got, f"{policy} {case}")

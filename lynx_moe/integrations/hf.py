@@ -50,7 +50,7 @@ from ..costmodel import CostModel
 from ..policies import Policy
 from ..routing import distinct_experts, route
 
-__all__ = ["SUPPORTED", "MoeLayer", "moe_layers", "moe_shape", "config_moe_shape", "config_moe_layers", "LayerStats", "apply_", "remove_",
+__all__ = ["SUPPORTED", "MoeLayer", "moe_layers", "native_routing", "moe_shape", "config_moe_shape", "config_moe_layers", "LayerStats", "apply_", "remove_",
            "applied", "isolated", "routing_stats", "reset_stats"]
 
 _STATE = "_lynx_moe"  # attribute of the patched model (its _State) and of each patched router (its _Layer)
@@ -233,6 +233,15 @@ class MoeLayer(NamedTuple):
     experts: nn.Module | None   # the routed experts beside the router (``mlp.experts``)
     num_experts: int            # E
     top_k: int                  # K
+
+
+def native_routing(router: nn.Module) -> dict[str, Any]:
+    """The ``lynx.route`` keywords that reproduce a supported router's native routing
+    (``scoring``, ``renormalize``, ...); ValueError for a router lynx_moe does not know."""
+    handler = _handler(router)
+    if handler is None:
+        raise ValueError(f"{type(router).__name__} is not a router lynx_moe knows ({', '.join(SUPPORTED)})")
+    return handler(router)
 
 
 def moe_layers(model: nn.Module) -> list[MoeLayer]:

@@ -13,6 +13,7 @@ for bad input. The command line (``lynx_moe.cli``) parses arguments, calls these
 - ``speed``: interleaved decode timing and the bytes a step reads;
 - ``machine``: copy bandwidth and the conditions of a run;
 - ``similarity``: expert similarity matrices for SERE (``lynx similarity``);
+- ``sizes``: expert output-size fits for SizePrice (``lynx sizes``);
 - ``tune``: ``lynx tune``'s search; ``frontier``: every policy's knob swept (``lynx frontier``);
 - ``gates``: the cached cost-model calibrations that gate policies by default;
 - ``profile``: distinct experts, load skew and bin overlap of a routing recording;

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..policies import OEA, SERE, AffinityBinning, Confidence, MassFloor, Policy, StaticK, XShare
+from ..policies import OEA, SERE, AffinityBinning, Confidence, MassFloor, Policy, SizePrice, StaticK, XShare
 from .quality import EvalConfig, evaluate
 from .tune import split_texts
 
 __all__ = ["at_target", "families_for", "frontier", "saved_at"]
 
 
-def families_for(experts: int, top_k: int, similarity: str | Path | None = None) -> dict[str, list[Policy]]:
+def families_for(experts: int, top_k: int, similarity: str | Path | None = None,
+                 sizes: str | Path | None = None) -> dict[str, list[Policy]]:
     """Per family, its settings from the mildest cut to the deepest. SERE needs the model's
-    similarity file (``lynx similarity``); without one it is left out."""
+    similarity file (``lynx similarity``), SizePrice its sizes file (``lynx sizes``); without
+    one the family is left out."""
     fams: dict[str, list[Policy]] = {
         "affinity_binning": [AffinityBinning(3.0, b) for b in (4, 3, 2, 1)],
         "confidence": [Confidence(1, 1.0), Confidence(1, 0.5), Confidence(0, 1.0), Confidence(0, 0.5)],
@@ -34,6 +36,8 @@ def families_for(experts: int, top_k: int, similarity: str | Path | None = None)
     }
     if similarity is not None:
         fams["sere"] = [SERE(2, rho, str(similarity)) for rho in (0.5, 0.3, 0.2, 0.1, 0.0)]
+    if sizes is not None:
+        fams["size_price"] = [SizePrice(lam, sizes=str(sizes)) for lam in (6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3)]
     return fams
 
 
