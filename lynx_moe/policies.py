@@ -499,10 +499,9 @@ class SizePrice(Policy):
     inside the kept set, each filled by the row's next kept expert, and adds ``|size - the
     filler's size|`` (over the step's mean native size) to the row's loss; an expert's cost is
     the change of ``mean over voting rows of loss**p`` (per row, so one ``lam`` fits every batch
-    size). Each of ``rounds`` rounds removes every
-    expert whose cost is at most ``lam`` and lower (ties: lower index) than that of every other
-    such expert sharing a voting row's top k+1 with it: such removals touch different rows, so
-    their costs add up exactly. At least ``top_k`` experts stay. Assumes softmax scoring (on
+    size). Each of ``rounds`` rounds removes every expert whose cost is at most ``lam`` and lower
+    (ties: lower index) than that of every other such expert sharing a voting row's top k+1 with
+    it: such removals touch different rows, so their costs add up exactly. At least ``top_k`` experts stay. Assumes softmax scoring (on
     sigmoid models the cost is a proxy: not measured).
 
     ``sizes``: a ``lynx sizes`` file; ``for_layer(i)`` returns a copy bound to layer i's fit,
