@@ -378,6 +378,14 @@ def _open_tensor(path: str | Path, key: str, what: str, how: str, layout: str, f
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def _with_data(policy: Policy, attr: str, tensor: torch.Tensor) -> Policy:
+    """A copy of ``policy`` carrying ``tensor`` (float32) as ``attr``: model data, not config
+    (``to_dict`` and ``==`` ignore it)."""
+    out = dataclasses.replace(policy)
+    object.__setattr__(out, attr, tensor.detach().float())
+    return out
+
+
 def _read_layers(path: str | Path, index: int | None):
     """A ``read`` for ``_open_tensor``: the whole ``[L, ...]`` tensor, or layer ``index``'s slice."""
     def read(part, shape):
@@ -449,9 +457,7 @@ class SERE(Policy):
         _check(ok, "similarity", "a bound matrix must be a float tensor [E, E]")
         _check(bool(((matrix >= -1) & (matrix <= 1)).all()), "similarity",
                "matrix values must be finite and in [-1, 1]")
-        out = dataclasses.replace(self)
-        object.__setattr__(out, "_matrix", matrix.detach().float())
-        return out
+        return _with_data(self, "_matrix", matrix)
 
     def substitute(self, step: Step) -> torch.Tensor:
         matrix = getattr(self, "_matrix", None)
@@ -536,9 +542,7 @@ class SizePrice(Policy):
               and fit.shape[0] == 3 * fit.shape[1] + 2)
         _check(ok, "sizes", "a bound fit must be a float tensor [3E+2, E]")
         _check(bool(torch.isfinite(fit).all()), "sizes", "fit values must be finite")
-        out = dataclasses.replace(self)
-        object.__setattr__(out, "_fit", fit.detach().float())
-        return out
+        return _with_data(self, "_fit", fit)
 
     def keep(self, step: Step) -> torch.Tensor:
         fit = getattr(self, "_fit", None)

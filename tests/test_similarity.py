@@ -19,17 +19,6 @@ from .cli_helpers import run_cli  # noqa: E402
 TEXT = "The fox ran over the hill and the dog slept under the old oak tree by the river. " * 6
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny OLMoE (64 experts, top-8, 2 MoE layers) saved as a model folder, with held-out text."""
-    d = tmp_path_factory.mktemp("tiny-olmoe")
-    models.tiny_model("olmoe").save_pretrained(d)
-    with open(d / "heldout.jsonl", "w") as f:
-        for i in range(8):
-            f.write(json.dumps({"text": f"{i} {TEXT}", "domain": "a" if i % 2 else "b"}) + "\n")
-    return d
-
-
 def test_cosine_similarity_of_known_experts():
     """Experts that are scaled copies of each other have similarity 1, negated ones -1."""
     class Scaled(torch.nn.Module):
@@ -45,10 +34,10 @@ def test_calibration_reads_the_last_quarter_of_each_domain():
 
 
 @pytest.mark.parametrize("method", ["outputs", "weights"])
-def test_lynx_similarity_writes_a_file_sere_routes_with(model_dir, tmp_path, capsys, method):
+def test_lynx_similarity_writes_a_file_sere_routes_with(olmoe_dir, tmp_path, capsys, method):
     out = tmp_path / f"{method}.safetensors"
-    code, stdout, err = run_cli(["similarity", "--model", str(model_dir), "--method", method, "--out", str(out),
-                                 "--tokens", "256", "--data", str(model_dir / "heldout.jsonl"), "--json-only"], capsys)
+    code, stdout, err = run_cli(["similarity", "--model", str(olmoe_dir), "--method", method, "--out", str(out),
+                                 "--tokens", "256", "--data", str(olmoe_dir / "heldout.jsonl"), "--json-only"], capsys)
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert (summary["method"], summary["experts"], len(summary["layers"])) == (method, 64, 2)
@@ -76,7 +65,7 @@ def test_expert_similarity_runs_every_architecture():
         assert bool(((sims >= -1) & (sims <= 1)).all()) and meta["tokens"] == "64"
 
 
-def test_bad_calibration_input(model_dir, tmp_path, capsys):
+def test_bad_calibration_input(olmoe_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match="method must be one of"):
         expert_similarity(models.tiny_model("olmoe"), None, None, method="cka")
     with pytest.raises(ValueError, match="needs held-out text"):

@@ -19,17 +19,6 @@ from .cli_helpers import run_cli  # noqa: E402
 TEXT = "The fox ran over the hill and the dog slept under the old oak tree by the river. " * 6
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny OLMoE (64 experts, top-8, 2 MoE layers) saved as a model folder, with held-out text."""
-    d = tmp_path_factory.mktemp("tiny-olmoe")
-    models.tiny_model("olmoe").save_pretrained(d)
-    with open(d / "heldout.jsonl", "w") as f:
-        for i in range(8):
-            f.write(json.dumps({"text": f"{i} {TEXT}", "domain": "a" if i % 2 else "b"}) + "\n")
-    return d
-
-
 def test_expert_norms_of_known_experts():
     class Scaled(torch.nn.Module):
         def forward(self, x, idx, w):
@@ -51,10 +40,10 @@ def test_size_fit_recovers_a_linear_law_and_weighs_the_near_slots():
     assert (fit - A).norm() < 0.5 * (plain - A).norm()
 
 
-def test_lynx_sizes_writes_a_file_size_price_routes_with(model_dir, tmp_path, capsys):
+def test_lynx_sizes_writes_a_file_size_price_routes_with(olmoe_dir, tmp_path, capsys):
     out = tmp_path / "sizes.safetensors"
-    code, stdout, err = run_cli(["sizes", "--model", str(model_dir), "--out", str(out), "--rows", "4",
-                                 "--data", str(model_dir / "heldout.jsonl"), "--json-only"], capsys)
+    code, stdout, err = run_cli(["sizes", "--model", str(olmoe_dir), "--out", str(out), "--rows", "4",
+                                 "--data", str(olmoe_dir / "heldout.jsonl"), "--json-only"], capsys)
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert (summary["experts"], len(summary["r2"]), summary["tokens"]) == (64, 2, 512)

@@ -36,7 +36,7 @@ from ..policies import SIMILARITY_KEY
 from .data import token_batch
 
 __all__ = ["METHODS", "default_path", "calibration_texts", "router_inputs", "cosine_similarity",
-           "expert_similarity", "save_similarity"]
+           "expert_similarity", "runnable_layers", "save_similarity", "save_tensor"]
 
 METHODS = ("outputs", "weights")
 _CHUNK = 512   # tokens per pass over the experts: bounds memory at E x chunk x D floats
@@ -99,11 +99,7 @@ def expert_similarity(model, tokenizer, texts: dict[str, list[str]] | None, *, m
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if tokens < 1 or length < 1:
         raise ValueError(f"tokens and length must be >= 1, got {tokens}, {length}")
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layer that lynx_moe knows")
-    if any(layer.experts is None for layer in layers):
-        raise ValueError("a MoE layer without an experts module beside its router: cannot run its experts")
+    layers = runnable_layers(model)
     dtype = next(model.parameters()).dtype
     if method == "outputs":
         if not texts:
@@ -125,10 +121,26 @@ def expert_similarity(model, tokenizer, texts: dict[str, list[str]] | None, *, m
     return sims, meta
 
 
-def save_similarity(path: str | Path, sims: torch.Tensor, meta: dict[str, str]) -> Path:
-    """Write ``sims [L, E, E]`` and string metadata as a safetensors similarity file."""
+def save_tensor(path: str | Path, key: str, tensor: torch.Tensor, meta: dict[str, str]) -> Path:
+    """Write ``tensor`` (float32) under ``key`` and string metadata as a safetensors file."""
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({SIMILARITY_KEY: sims.float().contiguous()}, str(path), metadata=dict(meta))
+    save_file({key: tensor.float().contiguous()}, str(path), metadata=dict(meta))
     return path
+
+
+def save_similarity(path: str | Path, sims: torch.Tensor, meta: dict[str, str]) -> Path:
+    """Write ``sims [L, E, E]`` and string metadata as a safetensors similarity file."""
+    return save_tensor(path, SIMILARITY_KEY, sims, meta)
+
+
+def runnable_layers(model) -> list:
+    """``moe_layers(model)``, checked to be non-empty with an experts module beside each router
+    (calibration runs every expert); ValueError otherwise."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layer that lynx_moe knows")
+    if any(layer.experts is None for layer in layers):
+        raise ValueError("a MoE layer without an experts module beside its router: cannot run its experts")
+    return layers

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..integrations.hf import moe_layers, native_routing
+from ..integrations.hf import native_routing
 from ..policies import SIZES_KEY, size_features
 from .data import token_batch
-from .similarity import router_inputs
+from .similarity import router_inputs, runnable_layers, save_tensor
 from .tune import split_texts
 
 __all__ = ["default_path", "fit_sizes", "expert_norms", "size_fits", "save_sizes"]
@@ -67,11 +67,7 @@ def size_fits(model, tokenizer, texts: dict[str, list[str]], *, rows: int = 16, 
     quarter of the calibration tokens, fitted on the rest; the returned fit uses them all."""
     if rows < 1 or length < 1:
         raise ValueError(f"rows and length must be >= 1, got {rows}, {length}")
-    layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layer that lynx_moe knows")
-    if any(layer.experts is None for layer in layers):
-        raise ValueError("a MoE layer without an experts module beside its router: cannot run its experts")
+    layers = runnable_layers(model)
     scoring = native_routing(layers[0].router)["scoring"]
     if scoring != "softmax":
         raise ValueError(f"size_price fits routers that score with a softmax over all experts (OLMoE, Qwen-MoE, "
@@ -100,8 +96,4 @@ def size_fits(model, tokenizer, texts: dict[str, list[str]], *, rows: int = 16, 
 
 def save_sizes(path: str | Path, fits: torch.Tensor, meta: dict[str, str]) -> Path:
     """Write ``fits [L, 3E+2, E]`` and string metadata as a safetensors sizes file."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({SIZES_KEY: fits.float().contiguous()}, str(path), metadata=dict(meta))
-    return path
+    return save_tensor(path, SIZES_KEY, fits, meta)
