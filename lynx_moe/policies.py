@@ -171,13 +171,15 @@ class AffinityBinning(Policy):
             key = (level.double() * B ** (self.beta + 1) + others) * E + rev
             picks = torch.topk(key, k, dim=-1).indices
         else:
-            # No clamp (or a batch too large for exact integers): float64, stable sort.
+            # No clamp (or a batch too large for exact integers): float64, stable sort. Each
+            # column is summed in sorted order, so that reordering the rows cannot change a
+            # rounding (nor break an exact popularity tie another way).
             if self.beta is not None:
                 q = q.clamp(min=-self.beta)
             h = torch.pow(B, q.double())
             if vote is not None:
                 h = h * vote[:, None]
-            m = q.double() + (h.sum(dim=0, keepdim=True) - h) / B
+            m = q.double() + (h.sort(dim=0).values.sum(dim=0, keepdim=True) - h) / B
             picks = torch.sort(m, dim=-1, descending=True, stable=True).indices[:, :k]
         chosen = torch.zeros_like(L, dtype=torch.bool).scatter(1, picks, True)
         if self.protect_top1:

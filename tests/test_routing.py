@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lynx_moe as lynx
@@ -393,15 +393,17 @@ def test_size_price_worked_example():
     assert lynx.route(L, 1, lynx.SizePrice(lam=0.01).bound(torch.zeros(11, 3))).ids.tolist() == [[1], [1], [1]]
 
 
-def _size_price_reference(L: torch.Tensor, k: int, policy, fit: torch.Tensor) -> list[int]:
-    """SizePrice's kept experts with every row voting, written as loops from the docstring."""
+def _size_price_reference(L: torch.Tensor, k: int, policy, fit: torch.Tensor) -> tuple[list[int], bool]:
+    """SizePrice's kept experts with every row voting, written as loops from the docstring, and
+    whether a decision hung on a near tie (two costs, or a cost and lam, within 1e-4 of each
+    other, relative), which float32 and float64 may break either way."""
     T, E = L.shape
     prob = torch.softmax(L.float(), -1)
     size = (prob * (lynx.policies.size_features(L) @ fit).exp()).tolist()
     native = [sorted(range(E), key=lambda e: (-prob[t, e].item(), e))[:k] for t in range(T)]
     mean = sum(size[t][e] for t in range(T) for e in native[t]) / T
     keep = sorted({e for row in native for e in row})
-    loss = [0.0] * T
+    loss, fragile = [0.0] * T, False
     for _ in range(policy.rounds):
         near, delta = [], {}
         for t in range(T):
@@ -413,13 +415,15 @@ def _size_price_reference(L: torch.Tensor, k: int, policy, fit: torch.Tensor) ->
         cost = {e: sum((loss[t] + delta.get((t, e), 0.0)) ** policy.p - loss[t] ** policy.p for t in range(T)) / T
                 for e in keep}
         cand = [e for e in keep if cost[e] <= policy.lam]
+        close = [(cost[e], policy.lam) for e in keep] + [(cost[e], cost[f]) for e in cand for f in cand if e < f]
+        fragile = fragile or any(a != b and abs(a - b) <= 1e-4 * max(a, b) for a, b in close)
         chosen = [e for e in cand if not any((cost[f], f) < (cost[e], e) and any(e in n and f in n for n in near)
                                              for f in cand)]
         chosen = sorted(chosen, key=lambda e: (cost[e], e))[:len(keep) - k]
         for t in range(T):
             loss[t] += sum(delta.get((t, e), 0.0) for e in chosen)
         keep = [e for e in keep if e not in chosen]
-    return keep
+    return keep, fragile
 
 
 @settings(max_examples=150, deadline=None)
@@ -434,7 +438,9 @@ def test_size_price_matches_a_plain_reference(data):
                             rounds=data.draw(st.integers(1, 4)))
     r = lynx.route(L, k, policy.bound(fit))
     used = sorted(set(r.ids.flatten().tolist()))
-    assert used == _size_price_reference(L, k, policy, fit)
+    kept, fragile = _size_price_reference(L, k, policy, fit)
+    assume(not fragile)
+    assert used == kept
 
 
 def test_size_price_lam_is_per_row():

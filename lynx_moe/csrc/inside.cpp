@@ -35,6 +35,7 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/sigmoid.h>
 #include <ATen/ops/softmax.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/topk.h>
 #include <torch/library.h>
@@ -223,7 +224,7 @@ void affinity_keep(const Rows& r, const Tensor& sel_t, double alpha, int64_t bet
       }
     }
   } else {
-    // No clamp, or too large for exact integers: the reference's float64 pow and column sum
+    // No clamp, or too large for exact integers: the reference's float64 pow and sorted column sum
     // (same ATen calls on the same shapes), then a stable top-K of M.
     Tensor qd = at::empty({T, E}, sel_t.options().dtype(at::kDouble));
     double* qp = qd.data_ptr<double>();
@@ -234,7 +235,7 @@ void affinity_keep(const Rows& r, const Tensor& sel_t, double alpha, int64_t bet
     if (r.vote != nullptr)
       for (int64_t t = 0; t < T; ++t)
         for (int64_t e = 0; e < E; ++e) hp[t * E + e] *= static_cast<double>(r.vote[t]);
-    Tensor sum = at::sum(ht, {0}, true);
+    Tensor sum = at::sum(std::get<0>(at::sort(ht, 0)), {0}, true);   // sorted columns, as the reference
     const double* sp = sum.data_ptr<double>();
     at::parallel_for(0, T, kGrain, [&](int64_t t0, int64_t t1) {
       std::vector<double> key(K);
