@@ -53,6 +53,8 @@ class Step(NamedTuple):
     vote: torch.Tensor | None  # [T] bool: valid decode rows; None when every row votes
     n_votes: torch.Tensor | float  # number of voting rows (>= 1); a float when every row votes
     top_k: int
+    raw: torch.Tensor | None = None  # [T, E] fp32 router logits before bias and groups (None: = logits)
+    scoring: str = "softmax"  # the model's scoring (routing.SCORINGS)
 
 
 def _expand(step: Step, mask_rows: torch.Tensor) -> torch.Tensor:
@@ -483,8 +485,7 @@ SIZES_KEY = "sizes"   # the [L, 3E+2, E] tensor of a ``lynx sizes`` file (safete
 
 def size_features(logits: torch.Tensor) -> torch.Tensor:
     """``[T, 3E+2]`` float32: what ``SizePrice`` predicts a row's expert output sizes from: its
-    logits clamped to [-30, 30] (-inf outside a row's groups counts as -30), their softmax, their
-    squares, their logsumexp and 1."""
+    raw router logits clamped to [-30, 30], their softmax, their squares, their logsumexp and 1."""
     z = logits.float().clamp(-30.0, 30.0)
     return torch.cat([z, torch.softmax(z, -1), z * z, z.logsumexp(-1, keepdim=True), torch.ones_like(z[:, :1])], 1)
 
@@ -500,17 +501,20 @@ def read_sizes(path: str | Path, index: int | None = None) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class SizePrice(Policy):
     """Ours (docs/algorithms.md, section 4d): prune the batch's native union of experts while
-    removing one costs at most ``lam``. A (row, slot)'s size is its softmax probability times
-    ``|f_e(x)|``, expert e's output norm on the row, predicted from the logits alone by a
-    per-layer linear fit on ``size_features`` (``lynx sizes`` computes it once per model from
-    held-out text); removing an expert frees its slots in the rows that have it in their top k
-    inside the kept set, each filled by the row's next kept expert, and adds ``|size - the
-    filler's size|`` (over the step's mean native size) to the row's loss; an expert's cost is
-    the change of ``mean over voting rows of loss**p`` (per row, so one ``lam`` fits every batch
-    size). Each of ``rounds`` rounds removes every expert whose cost is at most ``lam`` and lower
-    (ties: lower index) than that of every other such expert sharing a voting row's top k+1 with
-    it: such removals touch different rows, so their costs add up exactly. At least ``top_k`` experts stay. Assumes softmax scoring (on
-    sigmoid models the cost is a proxy: not measured).
+    removing one costs at most ``lam``. A (row, slot)'s size is its score (softmax probability,
+    or sigmoid score on sigmoid routers; before any renormalisation) times ``|f_e(x)|``, expert
+    e's output norm on the row, predicted from the raw logits alone by a per-layer linear fit on
+    ``size_features`` (``lynx sizes`` computes it once per model from held-out text). Removing
+    an expert frees its slots in the rows that have it in their top k (by selection logit)
+    inside the kept set, each filled by the row's next kept expert, and adds ``sqrt(size**2 +
+    filler's size**2)`` (the two outputs as orthogonal vectors), over the step's mean native
+    size, to the row's loss; an expert's cost is the change of ``mean over voting rows of
+    loss**p`` (per row, so one ``lam`` fits every batch size). Each of ``rounds`` rounds removes
+    every expert whose cost is at most ``lam`` and lower (ties: lower index) than that of every
+    other such expert sharing a voting row's top k+1 with it: such removals touch different
+    rows, so their costs add up exactly. At least ``top_k`` experts stay. Sigmoid routers use
+    their sigmoid scores, every other one the softmax over all experts (``lynx sizes`` fits
+    softmax and sigmoid routers, not GPT-OSS's softmax over the top k).
 
     ``sizes``: a ``lynx sizes`` file; ``for_layer(i)`` returns a copy bound to layer i's fit,
     ``bound(fit)`` one bound to a given ``[3E+2, E]`` tensor. Routing an unbound one raises."""
@@ -518,7 +522,7 @@ class SizePrice(Policy):
     name: ClassVar[str] = "size_price"
     kind: ClassVar[str] = "set"
     text_fields: ClassVar[tuple[str, ...]] = ("sizes",)
-    lam: float = 0.0005
+    lam: float = 0.001
     p: float = 2.0
     rounds: int = 16
     sizes: str | None = None
@@ -559,20 +563,24 @@ class SizePrice(Policy):
             return keep
         dev = keep.device
         vote = torch.ones(T, device=dev) if step.vote is None else step.vote.float()
-        prob = torch.softmax(step.logits.float(), -1)
-        size = prob * (size_features(step.logits) @ fit.to(prob.device)).exp()
+        raw = (step.logits if step.raw is None else step.raw).float()
+        weight = torch.sigmoid(raw) if step.scoring == "sigmoid" else torch.softmax(raw, -1)
+        size = weight * (size_features(raw) @ fit.to(dev)).exp()
         voters = vote.sum().clamp_min(1)
         size = size / size.gather(1, step.native_ids).sum(-1).mul(vote).sum().div(voters).clamp_min(1e-30)
         loss = torch.zeros(T, device=dev)
         idx = torch.arange(E, device=dev)
         for _ in range(self.rounds):   # a fixed count: no host sync
-            top = prob.masked_fill(~keep[None, :], -1.0).topk(K + 1, dim=-1)
-            spare = torch.where(top.values[:, K:] >= 0, size.gather(1, top.indices[:, K:]), 0.0)
-            delta = torch.zeros_like(prob).scatter(1, top.indices[:, :K], 1.0) * (size - spare).abs()
+            # Each row's best k+1 kept experts by selection logit (-inf: outside its groups, or cut).
+            top = step.logits.masked_fill(~keep[None, :], -torch.inf).topk(K + 1, dim=-1)
+            real = top.values > -torch.inf
+            spare = torch.where(real[:, K:], size.gather(1, top.indices[:, K:]), 0.0)
+            # A freed slot loses its output and gains the filler's, counted as orthogonal vectors.
+            delta = torch.zeros_like(size).scatter(1, top.indices[:, :K], real[:, :K].float()) * (size**2 + spare**2).sqrt()
             cost = (((loss[:, None] + delta) ** self.p - loss[:, None] ** self.p) * vote[:, None]).sum(0) / voters
             cost = cost.masked_fill(~keep, torch.inf)
             cand = cost <= self.lam
-            near = torch.zeros_like(prob).scatter(1, top.indices, (top.values >= 0).float()) * vote[:, None]
+            near = torch.zeros_like(size).scatter(1, top.indices, real.float()) * vote[:, None]
             shared = (near.T @ near) > 0                                                      # [E, E]
             better = (cost[:, None] < cost[None, :]) | ((cost[:, None] == cost[None, :]) & (idx[:, None] < idx[None, :]))
             chosen = cand & ~(shared & cand[None, :] & better.T).any(1)      # no cheaper candidate beside it

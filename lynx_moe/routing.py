@@ -235,9 +235,9 @@ def route(
         return Routing(nat_w, nat_ids, nat_ids, vote)
 
     if everyone:
-        step = Step(sel, nat_ids, nat_w, None, float(T), top_k)
+        step = Step(sel, nat_ids, nat_w, None, float(T), top_k, x, scoring)
     else:
-        step = Step(sel, nat_ids, nat_w, vote, vote.sum().double().clamp_min(1), top_k)
+        step = Step(sel, nat_ids, nat_w, vote, vote.sum().double().clamp_min(1), top_k, x, scoring)
     native_set = torch.zeros_like(x, dtype=torch.bool).scatter(1, nat_ids, True)    # [T, E]
     if policy.kind == "set":
         keep = policy.keep(step)[None, :]                                          # [1, E]

@@ -374,44 +374,57 @@ def test_sere_needs_a_matrix_of_the_layers_size():
 
 def test_size_price_worked_example():
     """Top-1 of 3 experts; rows 0 and 1 are mirror images (0.525 / 0.475 between two experts),
-    row 2 is sure of expert 1. With a fit that says expert 2's outputs are 10 times the others'
-    (only the constant feature: log size 0, 0, log 10), removing expert 0 changes row 0's output
-    size by |0.525 - 0.475| and costs little; removing expert 2 changes row 1's by
-    |5.25 - 0.475| and costs a lot; removing 1 leaves row 2 with nothing near. So expert 0 goes
-    and row 0 moves to expert 1, the others stay."""
+    row 2 is sure of expert 1. A freed slot costs its row sqrt(size**2 + the filler's size**2).
+    With a fit that says expert 2's outputs are 10 times the others' (only the constant feature:
+    log size 0, 0, log 10), removing expert 0 costs row 0 sqrt(0.525**2 + 0.475**2) = 0.71,
+    removing 2 costs row 1 sqrt(5.25**2 + 0.475**2) = 5.3, removing 1 costs row 2 about its whole
+    0.998. So expert 0 goes first and row 0 moves to expert 1; then nothing else is that cheap."""
     L = torch.tensor([[2.0, 1.9, -5.0], [-5.0, 1.9, 2.0], [-5.0, 2.0, -5.0]])
     fit = torch.zeros(11, 3)
     fit[-1] = torch.tensor([0.0, 0.0, 10.0]).log().clamp_min(0)
     prob = torch.softmax(L, -1)
-    size = prob * torch.tensor([1.0, 1.0, 10.0])
-    mean_native = (size[0, 0] + size[1, 2] + size[2, 1]) / 3
-    cost0 = float(((size[0, 0] - size[0, 1]) / mean_native) ** 2 / 3)          # mean over the 3 rows
+
+    def cost(size, t, e, spare):   # one freed slot of row t, p = 2, over the step's mean native size
+        mean = (size[0, L[0].argmax()] + size[1, L[1].argmax()] + size[2, 1]) / 3
+        return float((size[t, e] ** 2 + size[t, spare] ** 2) / mean**2 / 3)
+
+    sizes = prob * torch.tensor([1.0, 1.0, 10.0])
+    cost0 = cost(sizes, 0, 0, 1)
+    assert cost0 < cost(sizes, 2, 1, 0) < cost(sizes, 1, 2, 1)
     r = lynx.route(L, 1, lynx.SizePrice(lam=cost0 * 1.01).bound(fit))
     assert r.native_ids.tolist() == [[0], [2], [1]] and r.ids.tolist() == [[1], [2], [1]]
     assert torch.equal(lynx.route(L, 1, lynx.SizePrice(lam=cost0 * 0.99).bound(fit)).ids, r.native_ids)
-    # Every size alike, expert 2 is as cheap as 0 (about 0.002 each) and both go; 1 (0.7) stays.
-    assert lynx.route(L, 1, lynx.SizePrice(lam=0.01).bound(torch.zeros(11, 3))).ids.tolist() == [[1], [1], [1]]
+    # Every size alike: experts 0 and 2 cost the same (0.71 each) and share no row's top 2, so
+    # one round removes both; 1 (0.998) stays.
+    alike = cost(prob, 0, 0, 1)
+    assert alike == pytest.approx(cost(prob, 1, 2, 1)) and alike < cost(prob, 2, 1, 0)
+    policy = lynx.SizePrice(lam=alike * 1.01, rounds=1).bound(torch.zeros(11, 3))
+    assert lynx.route(L, 1, policy).ids.tolist() == [[1], [1], [1]]
+    assert torch.equal(lynx.route(L, 1, lynx.SizePrice(lam=alike * 0.99).bound(torch.zeros(11, 3))).ids, r.native_ids)
 
 
-def _size_price_reference(L: torch.Tensor, k: int, policy, fit: torch.Tensor) -> tuple[list[int], bool]:
+def _size_price_reference(L: torch.Tensor, k: int, policy, fit: torch.Tensor, scoring: str = "softmax",
+                          bias: torch.Tensor | None = None) -> tuple[list[int], bool]:
     """SizePrice's kept experts with every row voting, written as loops from the docstring, and
     whether a decision hung on a near tie (two costs, or a cost and lam, within 1e-4 of each
-    other, relative), which float32 and float64 may break either way."""
+    other, relative), which float32 and float64 may break either way. Sizes come from the raw
+    logits ``L``; rows rank experts by the biased scores (``bias``: sigmoid only), as they route."""
     T, E = L.shape
-    prob = torch.softmax(L.float(), -1)
-    size = (prob * (lynx.policies.size_features(L) @ fit).exp()).tolist()
-    native = [sorted(range(E), key=lambda e: (-prob[t, e].item(), e))[:k] for t in range(T)]
+    score = torch.softmax(L.float(), -1) if scoring == "softmax" else torch.sigmoid(L.float())
+    size = (score * (lynx.policies.size_features(L) @ fit).exp()).tolist()
+    rank = L if bias is None else torch.logit((score + bias).clamp(1e-12, 1 - 1e-7))
+    native = [sorted(range(E), key=lambda e: (-rank[t, e].item(), e))[:k] for t in range(T)]
     mean = sum(size[t][e] for t in range(T) for e in native[t]) / T
     keep = sorted({e for row in native for e in row})
     loss, fragile = [0.0] * T, False
     for _ in range(policy.rounds):
         near, delta = [], {}
         for t in range(T):
-            order = sorted(keep, key=lambda e: (-prob[t, e].item(), e))
+            order = sorted(keep, key=lambda e: (-rank[t, e].item(), e))
             near.append(set(order[:k + 1]))
             spare = size[t][order[k]] if len(order) > k else 0.0
             for e in order[:k]:
-                delta[t, e] = abs(size[t][e] - spare) / mean
+                delta[t, e] = (size[t][e] ** 2 + spare ** 2) ** 0.5 / mean
         cost = {e: sum((loss[t] + delta.get((t, e), 0.0)) ** policy.p - loss[t] ** policy.p for t in range(T)) / T
                 for e in keep}
         cand = [e for e in keep if cost[e] <= policy.lam]
@@ -436,9 +449,13 @@ def test_size_price_matches_a_plain_reference(data):
     fit = size_fit(E, data.draw(st.integers(0, 999)), scale=0.2)
     policy = lynx.SizePrice(lam=data.draw(st.sampled_from([1e-3, 1e-2, 0.1])), p=data.draw(st.sampled_from([1.0, 2.0])),
                             rounds=data.draw(st.integers(1, 4)))
-    r = lynx.route(L, k, policy.bound(fit))
+    scoring = data.draw(st.sampled_from(["softmax", "sigmoid", "biased sigmoid"]))
+    # A correction bias that keeps every biased score inside (0, 1), away from logit's clamp.
+    bias = -torch.rand(E, generator=g) * torch.sigmoid(L).amin(0) * 0.9 if scoring == "biased sigmoid" else None
+    scoring = scoring.split()[-1]
+    r = lynx.route(L, k, policy.bound(fit), scoring=scoring, e_score_correction_bias=bias)
     used = sorted(set(r.ids.flatten().tolist()))
-    kept, fragile = _size_price_reference(L, k, policy, fit)
+    kept, fragile = _size_price_reference(L, k, policy, fit, scoring, bias)
     assume(not fragile)
     assert used == kept
 

@@ -60,19 +60,27 @@ def test_lynx_sizes_writes_a_file_size_price_routes_with(olmoe_dir, tmp_path, ca
         assert s.steps > 0 and s.distinct_policy < s.distinct_native
 
 
-def test_size_fits_runs_every_softmax_architecture():
+def test_size_fits_runs_every_softmax_and_sigmoid_architecture(tmp_path):
+    """Fits on every tiny architecture but GPT-OSS, and SizePrice routes each model with its fits."""
+    from lynx_moe.measure.sizes import save_sizes
     texts = {"a": [TEXT] * 4}
+    ids = torch.randint(3, 100, (16, 3), generator=torch.Generator().manual_seed(0))
     for arch in models.TINY_ARCHS:
         model = models.tiny_model(arch)
         layers = lynx.integrations.hf.moe_layers(model)
-        if lynx.integrations.hf.native_routing(layers[0].router)["scoring"] != "softmax":   # DSv3, GPT-OSS
-            with pytest.raises(ValueError, match="score with a softmax over all experts"):
+        if lynx.integrations.hf.native_routing(layers[0].router)["scoring"] == "softmax_topk":   # GPT-OSS
+            with pytest.raises(ValueError, match="score with a softmax over all experts.*or a sigmoid"):
                 size_fits(model, None, texts, rows=2, length=32)
             continue
         fits, meta, r2 = size_fits(model, None, texts, rows=2, length=32)
         E = layers[0].num_experts
         assert fits.shape == (len(layers), 3 * E + 2, E) and torch.isfinite(fits).all(), arch
         assert len(r2) == len(layers) and meta["tokens"] == "64"
+        lynx.apply_(model, lynx.SizePrice(lam=1.0, sizes=str(save_sizes(tmp_path / f"{arch}.safetensors", fits, meta))))
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        stats = lynx.routing_stats(model)
+        assert all(s.steps > 0 for s in stats) and sum(s.distinct_policy for s in stats) < sum(s.distinct_native for s in stats), arch
 
 
 def test_bad_calibration_input(tmp_path, capsys):
@@ -100,11 +108,11 @@ def test_a_sizes_file_gives_each_vllm_layer_its_own_fit(tmp_path):
     assert [torch.equal(L.policy._fit, fits[i]) for i, L in enumerate(state.layers)] == [True, True]
 
 
-@pytest.mark.parametrize("name", ["lynx-ref-moe", "lynx-ref-qwen3moe"])
+@pytest.mark.parametrize("name", ["lynx-ref-moe", "lynx-ref-qwen3moe", "lynx-ref-dsv3"])
 def test_the_reference_models_ship_their_sizes_files(name):
+    from lynx_moe.integrations.hf import config_moe_layers, config_moe_shape
     from lynx_moe.measure.sizes import default_path
     folder = lynx.reference_model_path().parent / name
-    config = json.loads((folder / "config.json").read_text())
-    L, E = config["num_hidden_layers"], config.get("num_experts", config.get("num_local_experts"))
+    L, (E, _) = config_moe_layers(str(folder)), config_moe_shape(str(folder))
     assert lynx.policies.read_sizes(default_path(folder)).shape == (L, 3 * E + 2, E)
     lynx.SizePrice(sizes=str(default_path(folder))).check_layers(L)

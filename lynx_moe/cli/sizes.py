@@ -1,7 +1,7 @@
 """``lynx sizes``: a model's expert output-size fits for the ``size_price`` policy, computed once.
 
     lynx sizes --model models/lynx-ref-moe                 # -> MODEL/sizes/sizes.safetensors
-    lynx eval --model PATH --policy size_price:lam=0.0005,sizes=PATH/sizes/sizes.safetensors
+    lynx eval --model PATH --policy size_price:lam=0.001,sizes=PATH/sizes/sizes.safetensors
 
 Runs every expert on the hidden states that reach its layer over the calibration half of the
 held-out text and fits, per layer, ``log |f_e(x)|`` on the router logits
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'layer':>5} {'R^2 (top-2k slots, held out)':>30}")
         for i, v in enumerate(r2):
             print(f"{i:>5} {v:>30.3f}")
-        print(f"wrote {out}: lynx eval --model {args.model} --policy size_price:lam=0.0005,sizes={out}")
+        print(f"wrote {out}: lynx eval --model {args.model} --policy size_price:lam=0.001,sizes={out}")
     print(json.dumps({"model": str(args.model), "out": str(out), "experts": fits.shape[2],
                       "r2": [round(v, 4) for v in r2], "tokens": int(meta["tokens"])}))
     return 0

@@ -37,7 +37,7 @@ def families_for(experts: int, top_k: int, similarity: str | Path | None = None,
     if similarity is not None:
         fams["sere"] = [SERE(2, rho, str(similarity)) for rho in (0.5, 0.3, 0.2, 0.1, 0.0)]
     if sizes is not None:
-        fams["size_price"] = [SizePrice(lam, sizes=str(sizes)) for lam in (6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3)]
+        fams["size_price"] = [SizePrice(lam, sizes=str(sizes)) for lam in (1.25e-4, 2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 4e-3)]
     return fams
 
 

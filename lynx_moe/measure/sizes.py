@@ -9,8 +9,9 @@ expert e's output on that row, alone, with weight 1, through the model's own exp
 One ridge regression per expert, over the calibration half of the held-out text (even segments,
 ``measure.tune.split_texts``: never the test rows of ``lynx frontier``), rows where the expert is
 among the row's top 2k weighing 20 times the others (those are the slots a cut frees or fills).
-Softmax-scored models only: the fit reads the router's raw logits, which are what ``route``
-hands a policy there. Legend: N tokens, F = 3E+2 features, E experts, L layers.
+Softmax and sigmoid routers (DeepSeek-V3: the near slots are ranked by the biased scores, groups
+aside); not GPT-OSS (softmax over the top k). The fit reads the router's raw logits, which
+``route`` hands a policy as ``Step.raw``. Legend: N tokens, F = 3E+2 features, E experts, L layers.
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ def size_fits(model, tokenizer, texts: dict[str, list[str]], *, rows: int = 16, 
     if rows < 1 or length < 1:
         raise ValueError(f"rows and length must be >= 1, got {rows}, {length}")
     layers = runnable_layers(model)
-    scoring = native_routing(layers[0].router)["scoring"]
-    if scoring != "softmax":
+    native = native_routing(layers[0].router)
+    if native["scoring"] not in ("softmax", "sigmoid"):
         raise ValueError(f"size_price fits routers that score with a softmax over all experts (OLMoE, Qwen-MoE, "
-                         f"Mixtral); {type(model).__name__} scores with {scoring}: not supported yet")
+                         f"Mixtral) or a sigmoid (DeepSeek-V3); {type(model).__name__} scores with "
+                         f"{native['scoring']}: not supported")
     calib, _ = split_texts(texts)
     if not calib:
         raise ValueError("size fits need held-out text (--data FILE.jsonl)")
@@ -82,7 +84,8 @@ def size_fits(model, tokenizer, texts: dict[str, list[str]], *, rows: int = 16, 
         logits = layer.router(x)[0].float().cpu()
         X = size_features(logits).double()
         Y = expert_norms(layer.experts, layer.num_experts, x).clamp_min(1e-12).log()
-        near = torch.zeros_like(Y, dtype=torch.bool).scatter(1, logits.topk(min(2 * layer.top_k, logits.shape[1]), -1).indices, True)
+        near = torch.zeros_like(Y, dtype=torch.bool).scatter(1, _choice(logits, layer.router).topk(
+            min(2 * layer.top_k, logits.shape[1]), -1).indices, True)
         n = 3 * X.shape[0] // 4
         res = (Y[n:] - X[n:] @ fit_sizes(X[:n], Y[:n], near[:n], ridge))[near[n:]]
         held = Y[n:][near[n:]]
@@ -92,6 +95,16 @@ def size_fits(model, tokenizer, texts: dict[str, list[str]], *, rows: int = 16, 
             "tokens": str(tokens.numel()), "layers": ",".join(layer.name for layer in layers),
             "r2": ",".join(f"{v:.4f}" for v in r2)}
     return torch.stack(fits), meta, r2
+
+
+def _choice(logits: torch.Tensor, router) -> torch.Tensor:
+    """The scores a router ranks its experts by (groups aside): the logits, or on sigmoid
+    routers the sigmoid plus the correction bias."""
+    native = native_routing(router)
+    if native["scoring"] == "softmax":
+        return logits
+    bias = native.get("e_score_correction_bias")
+    return torch.sigmoid(logits) + (0.0 if bias is None else bias.detach().float().cpu())
 
 
 def save_sizes(path: str | Path, fits: torch.Tensor, meta: dict[str, str]) -> Path:
