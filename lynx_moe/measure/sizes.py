@@ -84,8 +84,8 @@ def size_fits(model, tokenizer, texts: dict[str, list[str]], *, rows: int = 16, 
         logits = layer.router(x)[0].float().cpu()
         X = size_features(logits).double()
         Y = expert_norms(layer.experts, layer.num_experts, x).clamp_min(1e-12).log()
-        near = torch.zeros_like(Y, dtype=torch.bool).scatter(1, _choice(logits, layer.router).topk(
-            min(2 * layer.top_k, logits.shape[1]), -1).indices, True)
+        best = _choice(logits, native_routing(layer.router)).topk(min(2 * layer.top_k, logits.shape[1]), -1).indices
+        near = torch.zeros_like(Y, dtype=torch.bool).scatter(1, best, True)
         n = 3 * X.shape[0] // 4
         res = (Y[n:] - X[n:] @ fit_sizes(X[:n], Y[:n], near[:n], ridge))[near[n:]]
         held = Y[n:][near[n:]]
@@ -97,10 +97,9 @@ def size_fits(model, tokenizer, texts: dict[str, list[str]], *, rows: int = 16, 
     return torch.stack(fits), meta, r2
 
 
-def _choice(logits: torch.Tensor, router) -> torch.Tensor:
-    """The scores a router ranks its experts by (groups aside): the logits, or on sigmoid
-    routers the sigmoid plus the correction bias."""
-    native = native_routing(router)
+def _choice(logits: torch.Tensor, native: dict) -> torch.Tensor:
+    """The scores a router ranks its experts by (groups aside), from its ``native_routing``
+    keywords: the logits, or on sigmoid routers the sigmoid plus the correction bias."""
     if native["scoring"] == "softmax":
         return logits
     bias = native.get("e_score_correction_bias")
